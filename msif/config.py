@@ -1,0 +1,127 @@
+"""Config helpers shared by every stage: resolvers, run signatures, and early validation.
+
+A *signature* is a short hash of exactly the settings that determine a stage's result. Run folders are named by it,
+so rerunning with the same settings finds the same folder and a changed setting can never reuse a stale checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from msif.errors import MsifError
+
+# Bump when a change in the code changes what a stage computes from the same settings.
+FORMAT_VERSION = 1
+
+
+def register_resolvers() -> None:
+    """Register msif's OmegaConf resolvers (idempotent): `${mul:a,b}`."""
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver("mul", lambda a, b: a * b)
+
+
+def to_plain(node: Any) -> Any:
+    """A resolved plain-Python copy of a config node (dicts, lists, scalars)."""
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True)
+    if isinstance(node, dict):
+        return {k: to_plain(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [to_plain(v) for v in node]
+    return node
+
+
+def signature(parts: dict[str, Any]) -> str:
+    """A 10-hex-digit hash of `parts` (resolved, key order irrelevant)."""
+    blob = json.dumps(to_plain(parts), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def pretrain_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The settings that determine a pretrain checkpoint (and nothing else: not paths, not the finetune task)."""
+    ds = cfg.dataset
+    data = {"source": ds.source, "pretrain": ds.pretrain, "normalize": ds.normalize}
+    if ds.source == "tiny":
+        data["generator"] = ds.generator
+    return {
+        "version": FORMAT_VERSION,
+        "data": data,
+        "model": cfg.model,
+        "train": cfg.train.pretrain,
+        "seed": cfg.seed,
+        "dtype": cfg.dtype,
+    }
+
+
+def finetune_settings(cfg: DictConfig, pretrain_signature: str) -> dict[str, Any]:
+    """The settings that determine a finetune checkpoint, chained to its pretrain checkpoint's signature."""
+    case = {"name": cfg.case.name, "update_embedding": cfg.case.update_embedding}
+    if cfg.case.get("proximal", False):
+        case["alpha"] = cfg.case.alpha  # alpha changes training only when the proximal term is on
+        case["proximal"] = True
+    return {
+        "version": FORMAT_VERSION,
+        "pretrain": pretrain_signature,
+        "finetune_data": cfg.dataset.finetune,
+        "case": case,
+        "train": cfg.train.finetune,
+        "seed": cfg.seed,
+    }
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Fail early, with a clear message, on settings that would otherwise fail deep inside a run."""
+    profiles = list(cfg.train.get("steps", {}).keys())
+    if profiles and cfg.profile not in profiles:
+        raise MsifError(
+            f"Unknown profile '{cfg.profile}'.",
+            f"The training recipe '{cfg.train.get('name', 'train')}' defines profiles {profiles}; "
+            f"pass one of them, e.g. profile={profiles[0]}.",
+        )
+    if cfg.dtype not in ("float32", "float64"):
+        raise MsifError(f"Unknown dtype '{cfg.dtype}'.", "Use dtype=float32 or dtype=float64.")
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise MsifError(
+            f"The configuration does not resolve: {err}".replace("\n", " "),
+            "Check the overrides on the command line (print the composed config with --cfg job).",
+        ) from None
+    if cfg.case.name not in ("fixed", "updated"):
+        raise MsifError(f"Unknown finetune case '{cfg.case.name}'.", "Use case=fixed or case=updated.")
+    if cfg.case.name == "updated" and not float(cfg.case.alpha) >= 0:
+        raise MsifError(f"case.alpha must be >= 0, got {cfg.case.alpha}.", "The paper uses case.alpha=0.01.")
+    for stage in ("pretrain", "finetune"):
+        t = cfg.train[stage]
+        for key in ("steps", "batch_size"):
+            if not isinstance(t[key], int) or t[key] < 1:
+                raise MsifError(f"train.{stage}.{key} must be a positive integer, got {t[key]!r}.",
+                                f"Set e.g. train.{stage}.{key}=100.")
+        if t.optimizer not in ("adam", "sgd"):
+            raise MsifError(f"Unknown optimizer '{t.optimizer}' in train.{stage}.", "Use adam or sgd.")
+
+
+def resolve_device(name: str):
+    """`auto` -> CUDA when present, else CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MsifError(f"Unknown device '{name}'.", "Use device=auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MsifError(f"device={name} was asked for but this machine has no CUDA GPU.", "Use device=auto or cpu.")
+    return device
+
+
+def resolve_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float64": torch.float64}[name]

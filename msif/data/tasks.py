@@ -1,0 +1,131 @@
+"""The pretraining and finetuning tasks of the paper (Section 3.1) built from one source.
+
+The pretraining task keeps the source classes in `dataset.pretrain.classes`, relabelled 0..k-1 in that order; the
+finetuning task likewise, optionally subsampled (the paper samples 5,000 finetune training examples). Example i of
+the pretraining set is row i here, in increasing source order, for every stage and output: `index` in a score table
+is this i, and `source_index` is the row in the original training split, so any example can be looked up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from msif.data.sources import Source, load_source
+from msif.errors import MsifError
+
+
+@dataclass
+class Examples:
+    """A labelled set: inputs `x` (normalised float), labels `y` in 0..k-1, and where each row came from."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    source_index: torch.Tensor  # row in the source split (train or test)
+    class_names: list[str]  # class_names[y] is the name of label y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def to(self, dtype: torch.dtype) -> Examples:
+        return Examples(self.x.to(dtype), self.y, self.source_index, self.class_names)
+
+
+@dataclass
+class Task:
+    train: Examples
+    test: Examples
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train.class_names)
+
+
+@dataclass
+class Tasks:
+    pretrain: Task
+    finetune: Task
+    input_shape: tuple[int, ...]
+    source: str
+
+
+def build_tasks(ds: DictConfig, cache_dir: str | None = None, dtype: torch.dtype = torch.float32) -> Tasks:
+    """Load `ds.source` and cut the pretraining and finetuning tasks out of it as the config says."""
+    source = load_source(ds, cache_dir)
+    pre = resolve_classes(ds.pretrain.classes, source.class_names, f"dataset.pretrain.classes of '{ds.name}'")
+    fin = resolve_classes(ds.finetune.classes, source.class_names, f"dataset.finetune.classes of '{ds.name}'")
+    seed = int(ds.finetune.get("subsample_seed", 0))
+    normalize = ds.get("normalize")
+    tasks = Tasks(
+        pretrain=Task(
+            _select(source, "train", pre, ds.pretrain.get("n_train"), seed, "dataset.pretrain.n_train", normalize),
+            _select(source, "test", pre, None, seed, "", normalize),
+        ),
+        finetune=Task(
+            _select(source, "train", fin, ds.finetune.get("n_train"), seed, "dataset.finetune.n_train", normalize),
+            _select(source, "test", fin, ds.finetune.get("n_test"), seed, "dataset.finetune.n_test", normalize),
+        ),
+        input_shape=source.input_shape,
+        source=source.name,
+    )
+    if dtype != torch.float32:
+        for task in (tasks.pretrain, tasks.finetune):
+            task.train, task.test = task.train.to(dtype), task.test.to(dtype)
+    return tasks
+
+
+def resolve_classes(spec, class_names: list[str], where: str) -> list[int]:
+    """Turn a class list (indices or names) into source label indices, refusing empty, unknown or repeated entries."""
+    if spec is None or len(spec) == 0:
+        raise MsifError(f"{where} is empty.", f"List at least two of the classes {class_names}.")
+    ids = []
+    for c in spec:
+        if isinstance(c, str) and c in class_names:
+            ids.append(class_names.index(c))
+        elif isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(class_names):
+            ids.append(c)
+        else:
+            raise MsifError(
+                f"{where} contains {c!r}, which is not a class of this data set.",
+                f"Use class indices 0..{len(class_names) - 1} or the names {class_names}.",
+            )
+    if len(set(ids)) != len(ids):
+        dup = sorted({class_names[i] for i in ids if ids.count(i) > 1})
+        raise MsifError(f"{where} lists the classes {dup} more than once.", "List each class once.")
+    if len(ids) < 2:
+        raise MsifError(f"{where} has a single class ({class_names[ids[0]]}); a classification task needs two.",
+                        f"List at least two of {class_names}.")
+    return ids
+
+
+def _select(source: Source, split: str, classes: list[int], n: int | None, seed: int, key: str,
+            normalize) -> Examples:
+    x_all, y_all = (source.x_train, source.y_train) if split == "train" else (source.x_test, source.y_test)
+    relabel = torch.full((len(source.class_names),), -1, dtype=torch.long)
+    relabel[torch.tensor(classes)] = torch.arange(len(classes))
+    idx = torch.nonzero(relabel[y_all] >= 0).flatten()  # increasing source order
+    if len(idx) == 0:
+        raise MsifError(f"The {split} split of '{source.name}' has no examples of the classes "
+                        f"{[source.class_names[c] for c in classes]}.", "Check the data folder and class lists.")
+    if n is not None:
+        if not isinstance(n, int) or n < 1:
+            raise MsifError(f"{key} must be a positive integer or null, got {n!r}.", f"Set e.g. {key}=500.")
+        if n > len(idx):
+            raise MsifError(
+                f"{key}={n} asks for more examples than the {split} split has for these classes ({len(idx)}).",
+                f"Use {key}={len(idx)} or less, or {key}=null for all of them.",
+            )
+        gen = torch.Generator().manual_seed(seed)
+        idx = idx[torch.randperm(len(idx), generator=gen)[:n]].sort().values
+    x = x_all[idx].float() * source.scale
+    if normalize is not None:
+        mean = torch.tensor(list(normalize.mean), dtype=torch.float32)
+        std = torch.tensor(list(normalize.std), dtype=torch.float32)
+        if x.dim() < 2 or len(mean) != x.shape[1] or len(std) != x.shape[1]:
+            raise MsifError(f"dataset.normalize has {len(mean)} means for inputs of shape {tuple(x.shape[1:])}.",
+                            "Give one mean and one std per input channel.")
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        x = (x - mean.view(view)) / std.view(view)
+    return Examples(x.contiguous(), relabel[y_all[idx]], idx, [source.class_names[c] for c in classes])

@@ -1,0 +1,48 @@
+"""Files on disk: atomic writes (temporary file, then rename) and safe loading (`weights_only=True`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """`torch.save` to a temporary file in the same folder, then rename over `path`."""
+    _atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    _atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def atomic_write_json(obj: Any, path: Path) -> None:
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", path)
+
+
+def load_tensors(path: Path) -> Any | None:
+    """Load a cache file with `weights_only=True`; None when it is unreadable (a cache can always be rebuilt)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001
+        return None

@@ -1,0 +1,7 @@
+"""The stages users run: each is a plain function of a composed config (tests call these directly); the `msif`
+command (msif/cli.py) is a thin Hydra wrapper around them."""
+
+from msif.stages.finetune import finetune
+from msif.stages.pretrain import pretrain
+
+__all__ = ["finetune", "pretrain"]

@@ -1,0 +1,84 @@
+"""What every stage does first (validate, pick device and dtype, load the tasks) and how trained nets come back."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from msif.config import resolve_device, resolve_dtype, validate_config
+from msif.data import Tasks, build_tasks
+from msif.errors import MsifError
+from msif.models import TwoStageNet
+from msif.runs import RunFolder
+
+
+@dataclass
+class Trained:
+    """A finished stage: its run folder, the trained network (on CPU) and its metrics."""
+
+    run: RunFolder
+    net: TwoStageNet
+    metrics: dict[str, Any]
+    checkpoint: Path
+
+
+@dataclass
+class Setup:
+    device: torch.device
+    dtype: torch.dtype
+    tasks: Tasks
+
+
+def setup(cfg: DictConfig, tasks: Tasks | None = None) -> Setup:
+    validate_config(cfg)
+    dtype = resolve_dtype(cfg.dtype)
+    device = resolve_device(cfg.device)
+    if tasks is None:
+        tasks = build_tasks(cfg.dataset, cfg.cache_dir, dtype)
+    return Setup(device, dtype, tasks)
+
+
+def load_state(net: TwoStageNet, state: dict[str, Any], path: Path) -> None:
+    """Load `state` = {"embedding": ..., "head": ...} into `net`, refusing a checkpoint of another architecture."""
+    try:
+        net.embedding.load_state_dict(state["embedding"])
+        net.head.load_state_dict(state["head"])
+    except (KeyError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0][:300]
+        raise MsifError(
+            f"The checkpoint {path} does not fit the network this config builds ({first}).",
+            "It was made with a different model; use the model config it was made with.",
+        ) from None
+
+
+def state_of(net: TwoStageNet) -> dict[str, Any]:
+    return {
+        "embedding": {k: v.detach().cpu().clone() for k, v in net.embedding.state_dict().items()},
+        "head": {k: v.detach().cpu().clone() for k, v in net.head.state_dict().items()},
+    }
+
+
+def shape_info(tasks: Tasks, stage: str) -> dict[str, Any]:
+    """What a checkpoint records so its network can be rebuilt without loading the data."""
+    task = getattr(tasks, stage)
+    return {"input_shape": list(tasks.input_shape), "num_classes": task.num_classes,
+            "class_names": list(task.train.class_names)}
+
+
+def shape_from(ckpt: dict[str, Any], tasks: Tasks | None, stage: str) -> tuple[tuple[int, ...], int]:
+    if "input_shape" in ckpt:
+        return tuple(int(s) for s in ckpt["input_shape"]), int(ckpt["num_classes"])
+    task = getattr(tasks, stage)
+    return tasks.input_shape, task.num_classes
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}

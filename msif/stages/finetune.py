@@ -1,0 +1,111 @@
+"""Stage 2, `msif finetune`: train the finetune head Θ on top of the pretrained embedding W*.
+
+case=fixed (paper eq. 2): W = W* frozen; the features are computed once and only Θ is trained.
+case=updated (eq. 3): W starts at W* and is trained with Θ; with `case.proximal=true` the loss also gets the
+α‖W − W̄‖² term of the paper's model (eq. 12), W̄ = W*.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from msif.config import resolve_dtype
+from msif.console import say
+from msif.data import Tasks
+from msif.errors import MsifError
+from msif.models import build_finetune_net, count_parameters
+from msif.runs import finetune_run, load_checkpoint, resolve_upstream, save_run
+from msif.stages.common import Trained, load_state, read_json, setup, shape_from, shape_info, state_of
+from msif.stages.pretrain import ensure_pretrained, summarize
+from msif.training import embed, evaluate, fit
+
+
+def finetune(cfg: DictConfig, tasks: Tasks | None = None) -> Trained:
+    """Finetune from the pretrained checkpoint these settings name (made first if missing and `upstream.auto`)."""
+    env = setup(cfg, tasks)
+    pre = ensure_pretrained(cfg, env.tasks)
+    run = finetune_run(cfg, pre.run)
+    if run.complete and not cfg.force:
+        say(f"finetune: reusing the finished run {run.path} (same settings; force=true retrains)")
+        return load_finetuned(cfg, pre, env.tasks)
+    task = env.tasks.finetune
+    t = cfg.train.finetune
+    net = build_finetune_net(cfg.model, copy.deepcopy(pre.net.embedding), env.tasks.input_shape, task.num_classes,
+                             cfg.seed, env.dtype).to(env.device)
+    x, y = task.train.x.to(env.device), task.train.y.to(env.device)
+    say(f"finetune ({cfg.case.name}): {cfg.dataset.name} classes {task.train.class_names}, n={len(task.train):,} "
+        f"examples, {t.steps} steps on {env.device}, from {pre.run.path}")
+    start = time.perf_counter()
+    if not cfg.case.update_embedding:
+        for p in net.embedding.parameters():
+            p.requires_grad_(False)
+        features = embed(net.embedding, x, cfg.train.eval_batch_size)  # W is frozen: embed once, train Θ only
+        fit_stats = fit(net.head, list(net.head.parameters()), features, y, t, cfg.seed, "finetune Θ")
+    else:
+        anchor = [p.detach().clone() for p in net.embedding.parameters()]
+        penalty = None
+        if cfg.case.get("proximal", False):
+            alpha = float(cfg.case.alpha)
+
+            def penalty() -> torch.Tensor:
+                return alpha * sum(((p - a) ** 2).sum() for p, a in zip(net.embedding.parameters(), anchor))
+
+        fit_stats = fit(net, list(net.parameters()), x, y, t, cfg.seed, "finetune W, Θ", penalty)
+    bs = cfg.train.eval_batch_size
+    metrics = {
+        "stage": "finetune",
+        "case": cfg.case.name,
+        "n": len(task.train),
+        "classes": task.train.class_names,
+        "train": evaluate(net, (x, y), bs),
+        "test": evaluate(net, (task.test.x.to(env.device), task.test.y.to(env.device)), bs),
+        "fit": fit_stats,
+        "parameters": {"W": count_parameters(dict(net.embedding.named_parameters())),
+                       "Theta": count_parameters(dict(net.head.named_parameters()))},
+        "device": str(env.device),
+        "seconds": time.perf_counter() - start,
+        "pretrain_run": str(pre.run.path),
+    }
+    if cfg.case.update_embedding:
+        drift = sum(((p.detach() - a) ** 2).sum() for p, a in zip(net.embedding.parameters(), anchor))
+        metrics["embedding_drift"] = float(drift.sqrt())  # ‖W** − W*‖
+    net = net.cpu()
+    for p in net.parameters():
+        p.requires_grad_(True)
+    save_run(run, cfg, state_of(net), metrics, shape_info(env.tasks, "finetune"))
+    summarize(f"finetune ({cfg.case.name})", metrics, run.path)
+    return Trained(run, net, metrics, run.checkpoint)
+
+
+def ensure_finetuned(cfg: DictConfig, tasks: Tasks | None = None) -> tuple[Trained, Trained]:
+    """The (pretrained, finetuned) pair these settings name, made first when missing (if `upstream.auto`)."""
+    env = setup(cfg, tasks)
+    pre = ensure_pretrained(cfg, env.tasks)
+    run = finetune_run(cfg, pre.run)
+    path = resolve_upstream(cfg, run)
+    if not path.exists():
+        if cfg.upstream.get("finetune"):
+            raise MsifError(f"upstream.finetune points at {path}, which does not exist.",
+                            "Point it at a finetune run folder, or drop it to use the one these settings name.")
+        if not cfg.upstream.auto:
+            raise MsifError(f"There is no finetune checkpoint for these settings (looked for {path}).",
+                            "Run `msif finetune` with the same overrides first, or drop upstream.auto=false.")
+        say(f"No finetune checkpoint for these settings at {run.path}; running `msif finetune` first "
+            "(upstream.auto=false stops instead).")
+        return pre, finetune(cfg, env.tasks)
+    return pre, load_finetuned(cfg, pre, env.tasks, path)
+
+
+def load_finetuned(cfg: DictConfig, pre: Trained, tasks: Tasks | None = None, path=None) -> Trained:
+    run = finetune_run(cfg, pre.run)
+    path = path or run.checkpoint
+    ckpt = load_checkpoint(path, run)
+    input_shape, num_classes = shape_from(ckpt, tasks, "finetune")
+    net = build_finetune_net(cfg.model, copy.deepcopy(pre.net.embedding), input_shape, num_classes, cfg.seed,
+                             resolve_dtype(cfg.dtype))
+    load_state(net, ckpt["state"], path)
+    return Trained(run, net, read_json(path.parent / "metrics.json"), path)

@@ -1,0 +1,103 @@
+"""Plain training and evaluation loops used by both stages (and, later, by leave-one-out retraining).
+
+Determinism: the batch order comes from its own seeded generator, independent of the initialisation RNG, so the
+same seed and settings on the same machine give bit-identical parameters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from msif.console import progress
+from msif.data import Examples
+
+
+def batch_schedule(n: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """Indices of each step's batch: consecutive slices of a stream of seeded random permutations of range(n).
+
+    A batch may straddle two permutations, so every example is seen once per n/batch_size steps.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    bs = min(batch_size, n)
+    perm, pos = torch.randperm(n, generator=gen), 0
+    for _ in range(steps):
+        parts, need = [], bs
+        while need > 0:
+            if pos == n:
+                perm, pos = torch.randperm(n, generator=gen), 0
+            take = min(need, n - pos)
+            parts.append(perm[pos : pos + take])
+            pos, need = pos + take, need - take
+        yield parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def make_optimizer(params: list[torch.Tensor], t: DictConfig) -> torch.optim.Optimizer:
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def fit(
+    model: nn.Module,
+    params: list[torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    t: DictConfig,
+    seed: int,
+    description: str,
+    penalty: Callable[[], torch.Tensor] | None = None,
+) -> dict:
+    """Minimise mean cross-entropy of `model(x)` (+ `penalty()`) over `params` for `t.steps` steps of `t.optimizer`.
+
+    Returns the mean training loss over the last 10% of steps, the wall time and the throughput.
+    """
+    opt = make_optimizer(params, t)
+    losses: list[float] = []
+    start = time.perf_counter()
+    seen = 0
+    with progress() as bar:
+        task = bar.add_task(description, total=t.steps, info="")
+        for step, idx in enumerate(batch_schedule(len(y), t.batch_size, t.steps, seed)):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            if penalty is not None:
+                loss = loss + penalty()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            seen += len(idx)
+            if step % 10 == 0 or step == t.steps - 1:
+                rate = seen / max(time.perf_counter() - start, 1e-9)
+                bar.update(task, completed=step + 1, info=f"loss {losses[-1]:.4f}  {rate:,.0f} ex/s")
+    seconds = time.perf_counter() - start
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {
+        "steps": t.steps,
+        "final_train_loss": sum(tail) / len(tail),
+        "seconds": seconds,
+        "examples_per_second": seen / max(seconds, 1e-9),
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Examples | tuple[torch.Tensor, torch.Tensor], batch_size: int) -> dict:
+    """Mean cross-entropy and accuracy of `model` on `data`."""
+    x, y = (data.x, data.y) if isinstance(data, Examples) else data
+    total, correct = 0.0, 0
+    for i in range(0, len(y), batch_size):
+        logits = model(x[i : i + batch_size])
+        total += F.cross_entropy(logits, y[i : i + batch_size], reduction="sum").item()
+        correct += (logits.argmax(1) == y[i : i + batch_size]).sum().item()
+    return {"loss": total / len(y), "accuracy": correct / len(y), "n": len(y)}
+
+
+@torch.no_grad()
+def embed(embedding: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Flattened embedding features of `x`, computed in batches."""
+    return torch.cat([embedding(x[i : i + batch_size]).flatten(1) for i in range(0, len(x), batch_size)])
