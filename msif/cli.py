@@ -28,8 +28,9 @@ class Stage:
 
 STAGES = {
     "pretrain": Stage("train the embedding W and pretraining head U on the pretraining task", "msif.stages:pretrain"),
-    "finetune": Stage("train the finetune head Θ (and W when case=updated) from the pretrained W*",
-                      "msif.stages:finetune"),
+    "finetune": Stage(
+        "train the finetune head Θ (and W when case=updated) from the pretrained W*", "msif.stages:finetune"
+    ),
     "influence": Stage("score every pretraining example's influence on the finetune test loss", None, 3),
     "validate-loo": Stage("check predicted influence against leave-one-out retraining (Pearson r)", None, 4),
     "cleanse": Stage("remove the most harmful pretraining examples, retrain, compare accuracy", None, 5),
@@ -69,12 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = args[0], args[1:]
     stage = STAGES.get(name)
     if stage is None:
-        print_error(f"'{name}' is not an msif stage. The stages are: {', '.join(STAGES)}. "
-                    "Run `msif --help` for what each does.")
+        print_error(
+            f"'{name}' is not an msif stage. The stages are: {', '.join(STAGES)}. Run `msif --help` for what each does."
+        )
         return 2
     if stage.entry is None:
-        print_error(f"`msif {name}` is not built yet: it lands with issue #{stage.issue}. "
-                    "The stages that work now are: " + ", ".join(n for n, s in STAGES.items() if s.entry) + ".")
+        print_error(
+            f"`msif {name}` is not built yet: it lands with issue #{stage.issue}. "
+            "The stages that work now are: " + ", ".join(n for n, s in STAGES.items() if s.entry) + "."
+        )
         return 2
     return run_stage(name, stage.entry, rest)
 
@@ -94,8 +98,10 @@ def run_stage(name: str, entry: str, overrides: list[str]) -> int:
             print_error(err.message)
             raise SystemExit(2) from None
         except KeyboardInterrupt:
-            print_error(f"msif {name} was interrupted. Files already on disk are complete (every write is a "
-                        "temporary file renamed into place); rerun the same command to continue.")
+            print_error(
+                f"msif {name} was interrupted. Files already on disk are complete (every write is a "
+                "temporary file renamed into place); rerun the same command to continue."
+            )
             raise SystemExit(130) from None
 
     saved = sys.argv

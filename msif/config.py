@@ -100,8 +100,10 @@ def validate_config(cfg: DictConfig) -> None:
         t = cfg.train[stage]
         for key in ("steps", "batch_size"):
             if not isinstance(t[key], int) or t[key] < 1:
-                raise MsifError(f"train.{stage}.{key} must be a positive integer, got {t[key]!r}.",
-                                f"Set e.g. train.{stage}.{key}=100.")
+                raise MsifError(
+                    f"train.{stage}.{key} must be a positive integer, got {t[key]!r}.",
+                    f"Set e.g. train.{stage}.{key}=100.",
+                )
         if t.optimizer not in ("adam", "sgd"):
             raise MsifError(f"Unknown optimizer '{t.optimizer}' in train.{stage}.", "Use adam or sgd.")
 

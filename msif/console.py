@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from rich.console import Console
-from rich.panel import Panel
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -50,4 +50,5 @@ def say(msg: str) -> None:
 
 
 def print_error(message: str) -> None:
-    err_console.print(Panel(message, title="msif: error", title_align="left", border_style="red"))
+    """One paragraph on stderr, unwrapped so it can be copied whole."""
+    err_console.print(f"[bold red]msif: error:[/] {escape(message)}", soft_wrap=True)

@@ -108,8 +108,9 @@ def build_head(model: DictConfig, in_features: int, num_classes: int) -> nn.Modu
     return _instantiate(model.head, "model.head", in_features=in_features, num_classes=num_classes)
 
 
-def build_pretrain_net(model: DictConfig, input_shape, num_classes: int, seed: int,
-                       dtype: torch.dtype = torch.float32) -> TwoStageNet:
+def build_pretrain_net(
+    model: DictConfig, input_shape, num_classes: int, seed: int, dtype: torch.dtype = torch.float32
+) -> TwoStageNet:
     """Embedding W and pretrain head U, initialised from `seed`."""
     torch.manual_seed(seed)
     embedding = build_embedding(model, input_shape).to(dtype)
@@ -117,8 +118,14 @@ def build_pretrain_net(model: DictConfig, input_shape, num_classes: int, seed: i
     return TwoStageNet(embedding, head)
 
 
-def build_finetune_net(model: DictConfig, embedding: nn.Module, input_shape, num_classes: int, seed: int,
-                       dtype: torch.dtype = torch.float32) -> TwoStageNet:
+def build_finetune_net(
+    model: DictConfig,
+    embedding: nn.Module,
+    input_shape,
+    num_classes: int,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+) -> TwoStageNet:
     """The given (pretrained) embedding W with a new finetune head Θ initialised from `seed`."""
     torch.manual_seed(seed + 1)  # a different stream from the pretrain initialisation
     head = build_head(model, feature_dim(embedding, input_shape), num_classes).to(dtype)
@@ -150,15 +157,28 @@ def _instantiate(node: DictConfig, where: str, **kwargs) -> nn.Module:
         module = instantiate(node, **kwargs, _convert_="all")
     except (InstantiationException, MsifError, TypeError, ValueError) as err:
         cause = err.__cause__ or err
-        raise MsifError(f"Could not build {where} ({node._target_}): {cause}".replace("\n", " "),
-                        "Check the model config against the embedding/head contract in msif/models.py.") from None
+        raise MsifError(
+            f"Could not build {where} ({node._target_}): {cause}".replace("\n", " "),
+            "Check the model config against the embedding/head contract in msif/models.py.",
+        ) from None
     if not isinstance(module, nn.Module):
-        raise MsifError(f"{where} ({node._target_}) returned a {type(module).__name__}, not a torch nn.Module.",
-                        "The factory must return an nn.Module.")
+        raise MsifError(
+            f"{where} ({node._target_}) returned a {type(module).__name__}, not a torch nn.Module.",
+            "The factory must return an nn.Module.",
+        )
     return module
 
 
 __all__ = [
-    "ConvEmbedding", "MLPEmbedding", "MLPHead", "TwoStageNet", "build_embedding", "build_finetune_net", "build_head",
-    "build_pretrain_net", "count_parameters", "feature_dim", "parameter_groups",
+    "ConvEmbedding",
+    "MLPEmbedding",
+    "MLPHead",
+    "TwoStageNet",
+    "build_embedding",
+    "build_finetune_net",
+    "build_head",
+    "build_pretrain_net",
+    "count_parameters",
+    "feature_dim",
+    "parameter_groups",
 ]

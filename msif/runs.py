@@ -1,7 +1,9 @@
 """Run folders and checkpoints: how stages hand over to each other on disk.
 
-    <output_root>/<dataset>/<model>/pretrain-<sig>/                  checkpoint.pt, config.yaml, settings.json, metrics.json
-    <output_root>/<dataset>/<model>/pretrain-<sig>/finetune-<case>-<sig>/   the same files for the finetuned model
+    <output_root>/<dataset>/<model>/pretrain-<sig>/                       the pretrained model
+    <output_root>/<dataset>/<model>/pretrain-<sig>/finetune-<case>-<sig>/ the model finetuned from it
+
+each holding checkpoint.pt, config.yaml (the resolved config), settings.json and metrics.json.
 
 `<sig>` hashes exactly the settings that determine the stage's result (msif.config.*_settings), and a finetune folder
 lives inside the pretrain folder it was made from. A checkpoint records its signature and settings; loading checks
@@ -54,7 +56,8 @@ class RunFolder:
 def pretrain_run(cfg: DictConfig) -> RunFolder:
     settings = pretrain_settings(cfg)
     sig = signature(settings)
-    return RunFolder("pretrain", Path(cfg.output_root) / cfg.dataset.name / cfg.model.name / f"pretrain-{sig}", settings)
+    path = Path(cfg.output_root) / cfg.dataset.name / cfg.model.name / f"pretrain-{sig}"
+    return RunFolder("pretrain", path, settings)
 
 
 def finetune_run(cfg: DictConfig, pretrain: RunFolder) -> RunFolder:
@@ -63,13 +66,15 @@ def finetune_run(cfg: DictConfig, pretrain: RunFolder) -> RunFolder:
     return RunFolder("finetune", pretrain.path / f"finetune-{cfg.case.name}-{sig}", settings)
 
 
-def save_run(run: RunFolder, cfg: DictConfig, state: dict[str, Any], metrics: dict[str, Any],
-             extra: dict[str, Any] | None = None) -> None:
+def save_run(
+    run: RunFolder, cfg: DictConfig, state: dict[str, Any], metrics: dict[str, Any], extra: dict[str, Any] | None = None
+) -> None:
     """Write config.yaml, settings.json, metrics.json, then checkpoint.pt (each atomically)."""
     run.path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), run.path / "config.yaml")
-    atomic_write_json({"stage": run.stage, "signature": run.signature, "settings": run.settings},
-                      run.path / "settings.json")
+    atomic_write_json(
+        {"stage": run.stage, "signature": run.signature, "settings": run.settings}, run.path / "settings.json"
+    )
     atomic_write_json(metrics, run.path / "metrics.json")
     payload = {
         "format": FORMAT,
@@ -95,8 +100,10 @@ def load_checkpoint(path: Path, run: RunFolder) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise MsifError(f"{path} is not an msif checkpoint (no '{FORMAT}' header).", rerun)
     if ckpt.get("stage") != run.stage:
-        raise MsifError(f"{path} is a {ckpt.get('stage')} checkpoint, but a {run.stage} checkpoint was expected.",
-                        f"Point upstream.{run.stage} at a {run.stage} run folder.")
+        raise MsifError(
+            f"{path} is a {ckpt.get('stage')} checkpoint, but a {run.stage} checkpoint was expected.",
+            f"Point upstream.{run.stage} at a {run.stage} run folder.",
+        )
     if ckpt.get("signature") != run.signature:
         theirs = json.loads(ckpt.get("settings", "{}"))
         diff = describe_difference(theirs, run.settings)

@@ -97,6 +97,11 @@ def evaluate(model: nn.Module, data: Examples | tuple[torch.Tensor, torch.Tensor
     return {"loss": total / len(y), "accuracy": correct / len(y), "n": len(y)}
 
 
+def squared_distance(params, anchor: list[torch.Tensor]) -> torch.Tensor:
+    """‖W − W̄‖² summed over matching parameter tensors."""
+    return sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+
+
 @torch.no_grad()
 def embed(embedding: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Flattened embedding features of `x`, computed in batches."""

@@ -46,8 +46,10 @@ def load_source(ds: DictConfig, cache_dir: str | None = None) -> Source:
     """Load the source named by `ds.source`."""
     loaders = {"digits": _load_digits, "tiny": _load_tiny, "mnist": _load_mnist, "cifar10": _load_cifar10}
     if ds.source not in loaders:
-        raise MsifError(f"Unknown data source '{ds.source}' in dataset '{ds.name}'.",
-                        f"dataset.source must be one of {sorted(loaders)}.")
+        raise MsifError(
+            f"Unknown data source '{ds.source}' in dataset '{ds.name}'.",
+            f"dataset.source must be one of {sorted(loaders)}.",
+        )
     return loaders[ds.source](ds, cache_dir)
 
 
@@ -86,8 +88,9 @@ def _missing_data(what: str, looked_in: Path, put_there: str) -> MsifError:
 
 def _data_root(ds: DictConfig) -> Path:
     if not ds.root:
-        raise MsifError(f"dataset '{ds.name}' has no data folder (dataset.root is empty).",
-                        "Set MSIF_DATA or data_root=<folder>.")
+        raise MsifError(
+            f"dataset '{ds.name}' has no data folder (dataset.root is empty).", "Set MSIF_DATA or data_root=<folder>."
+        )
     return Path(os.path.expanduser(str(ds.root)))
 
 
@@ -101,20 +104,33 @@ def _load_mnist(ds: DictConfig, cache_dir: str | None) -> Source:
             splits[train] = MNIST(str(root), train=train, download=False)
         except RuntimeError:
             if not ds.download:
-                raise _missing_data("MNIST", root / "MNIST" / "raw",
-                                    "Put the four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-                                    "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, optionally .gz) in "
-                                    "<data folder>/MNIST/raw/, or allow dataset.download=true on a machine with "
-                                    "internet.") from None
+                raise _missing_data(
+                    "MNIST",
+                    root / "MNIST" / "raw",
+                    "Put the four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                    "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, optionally .gz) in "
+                    "<data folder>/MNIST/raw/, or allow dataset.download=true on a machine with "
+                    "internet.",
+                ) from None
             try:
                 splits[train] = MNIST(str(root), train=train, download=True)
             except Exception:  # noqa: BLE001 - any network/IO failure means the same thing to the user
-                raise _missing_data("MNIST", root / "MNIST" / "raw",
-                                    "Put the four MNIST IDX files in <data folder>/MNIST/raw/ (torchvision's "
-                                    "layout), or run once on a machine with internet.") from None
+                raise _missing_data(
+                    "MNIST",
+                    root / "MNIST" / "raw",
+                    "Put the four MNIST IDX files in <data folder>/MNIST/raw/ (torchvision's "
+                    "layout), or run once on a machine with internet.",
+                ) from None
     tr, te = splits[True], splits[False]
-    return Source("mnist", [str(i) for i in range(10)], tr.data.unsqueeze(1), tr.targets.long(),
-                  te.data.unsqueeze(1), te.targets.long(), scale=1 / 255)
+    return Source(
+        "mnist",
+        [str(i) for i in range(10)],
+        tr.data.unsqueeze(1),
+        tr.targets.long(),
+        te.data.unsqueeze(1),
+        te.targets.long(),
+        scale=1 / 255,
+    )
 
 
 def _load_cifar10(ds: DictConfig, cache_dir: str | None) -> Source:
@@ -129,7 +145,8 @@ def _load_cifar10(ds: DictConfig, cache_dir: str | None) -> Source:
         except Exception:  # noqa: BLE001
             pass
     raise _missing_data(
-        "CIFAR-10", root,
+        "CIFAR-10",
+        root,
         "Put either torchvision's cifar-10-batches-py/ folder there, or an image-folder tree "
         "cifar10/{train,test}/<class>/*.jpg (e.g. `tar -xzf cifar10-jpeg.tar.gz -C <data folder>`).",
     )
@@ -153,8 +170,10 @@ def _cifar10_image_folder(folder: Path, cache_dir: str | None) -> Source:
     for split in ("train", "test"):
         split_dir = folder / split
         if not split_dir.is_dir():
-            raise MsifError(f"The CIFAR-10 image folder {folder.resolve()} has no '{split}' subfolder.",
-                            "Expected cifar10/train/<class>/*.jpg and cifar10/test/<class>/*.jpg.")
+            raise MsifError(
+                f"The CIFAR-10 image folder {folder.resolve()} has no '{split}' subfolder.",
+                "Expected cifar10/train/<class>/*.jpg and cifar10/test/<class>/*.jpg.",
+            )
         missing = [c for c in CIFAR10_CLASSES if not (split_dir / c).is_dir()]
         if missing:
             raise MsifError(
@@ -181,22 +200,32 @@ def _cifar10_image_folder(folder: Path, cache_dir: str | None) -> Source:
             tensors[f"x_{split}"] = _decode_images([p for p, _ in files[split]])
             tensors[f"y_{split}"] = torch.tensor([label for _, label in files[split]], dtype=torch.long)
         atomic_torch_save(tensors, cache)
-    return Source("cifar10", list(CIFAR10_CLASSES), tensors["x_train"], tensors["y_train"], tensors["x_test"],
-                  tensors["y_test"], scale=1 / 255)
+    return Source(
+        "cifar10",
+        list(CIFAR10_CLASSES),
+        tensors["x_train"],
+        tensors["y_train"],
+        tensors["x_test"],
+        tensors["y_test"],
+        scale=1 / 255,
+    )
 
 
 def _decode_images(paths: list[Path]) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    from PIL import Image
 
     def decode(p: Path) -> torch.Tensor:
-        return decode_image(read_file(str(p)), mode=ImageReadMode.RGB)
+        with Image.open(p) as im:
+            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         images = list(pool.map(decode, paths, chunksize=256))
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) != 1:
-        raise MsifError(f"The CIFAR-10 images do not all have one size (found {sorted(shapes)[:3]}).",
-                        "Every image must be 32x32 RGB; unpack the archive again.")
+        raise MsifError(
+            f"The CIFAR-10 images do not all have one size (found {sorted(shapes)[:3]}).",
+            "Every image must be 32x32 RGB; unpack the archive again.",
+        )
     return torch.stack(images)
 
 

@@ -95,20 +95,24 @@ def resolve_classes(spec, class_names: list[str], where: str) -> list[int]:
         dup = sorted({class_names[i] for i in ids if ids.count(i) > 1})
         raise MsifError(f"{where} lists the classes {dup} more than once.", "List each class once.")
     if len(ids) < 2:
-        raise MsifError(f"{where} has a single class ({class_names[ids[0]]}); a classification task needs two.",
-                        f"List at least two of {class_names}.")
+        raise MsifError(
+            f"{where} has a single class ({class_names[ids[0]]}); a classification task needs two.",
+            f"List at least two of {class_names}.",
+        )
     return ids
 
 
-def _select(source: Source, split: str, classes: list[int], n: int | None, seed: int, key: str,
-            normalize) -> Examples:
+def _select(source: Source, split: str, classes: list[int], n: int | None, seed: int, key: str, normalize) -> Examples:
     x_all, y_all = (source.x_train, source.y_train) if split == "train" else (source.x_test, source.y_test)
     relabel = torch.full((len(source.class_names),), -1, dtype=torch.long)
     relabel[torch.tensor(classes)] = torch.arange(len(classes))
     idx = torch.nonzero(relabel[y_all] >= 0).flatten()  # increasing source order
     if len(idx) == 0:
-        raise MsifError(f"The {split} split of '{source.name}' has no examples of the classes "
-                        f"{[source.class_names[c] for c in classes]}.", "Check the data folder and class lists.")
+        raise MsifError(
+            f"The {split} split of '{source.name}' has no examples of the classes "
+            f"{[source.class_names[c] for c in classes]}.",
+            "Check the data folder and class lists.",
+        )
     if n is not None:
         if not isinstance(n, int) or n < 1:
             raise MsifError(f"{key} must be a positive integer or null, got {n!r}.", f"Set e.g. {key}=500.")
@@ -124,8 +128,10 @@ def _select(source: Source, split: str, classes: list[int], n: int | None, seed:
         mean = torch.tensor(list(normalize.mean), dtype=torch.float32)
         std = torch.tensor(list(normalize.std), dtype=torch.float32)
         if x.dim() < 2 or len(mean) != x.shape[1] or len(std) != x.shape[1]:
-            raise MsifError(f"dataset.normalize has {len(mean)} means for inputs of shape {tuple(x.shape[1:])}.",
-                            "Give one mean and one std per input channel.")
+            raise MsifError(
+                f"dataset.normalize has {len(mean)} means for inputs of shape {tuple(x.shape[1:])}.",
+                "Give one mean and one std per input channel.",
+            )
         view = (1, -1) + (1,) * (x.dim() - 2)
         x = (x - mean.view(view)) / std.view(view)
     return Examples(x.contiguous(), relabel[y_all[idx]], idx, [source.class_names[c] for c in classes])

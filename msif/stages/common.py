@@ -66,8 +66,11 @@ def state_of(net: TwoStageNet) -> dict[str, Any]:
 def shape_info(tasks: Tasks, stage: str) -> dict[str, Any]:
     """What a checkpoint records so its network can be rebuilt without loading the data."""
     task = getattr(tasks, stage)
-    return {"input_shape": list(tasks.input_shape), "num_classes": task.num_classes,
-            "class_names": list(task.train.class_names)}
+    return {
+        "input_shape": list(tasks.input_shape),
+        "num_classes": task.num_classes,
+        "class_names": list(task.train.class_names),
+    }
 
 
 def shape_from(ckpt: dict[str, Any], tasks: Tasks | None, stage: str) -> tuple[tuple[int, ...], int]:

@@ -21,7 +21,7 @@ from msif.models import build_finetune_net, count_parameters
 from msif.runs import finetune_run, load_checkpoint, resolve_upstream, save_run
 from msif.stages.common import Trained, load_state, read_json, setup, shape_from, shape_info, state_of
 from msif.stages.pretrain import ensure_pretrained, summarize
-from msif.training import embed, evaluate, fit
+from msif.training import embed, evaluate, fit, squared_distance
 
 
 def finetune(cfg: DictConfig, tasks: Tasks | None = None) -> Trained:
@@ -34,11 +34,14 @@ def finetune(cfg: DictConfig, tasks: Tasks | None = None) -> Trained:
         return load_finetuned(cfg, pre, env.tasks)
     task = env.tasks.finetune
     t = cfg.train.finetune
-    net = build_finetune_net(cfg.model, copy.deepcopy(pre.net.embedding), env.tasks.input_shape, task.num_classes,
-                             cfg.seed, env.dtype).to(env.device)
+    net = build_finetune_net(
+        cfg.model, copy.deepcopy(pre.net.embedding), env.tasks.input_shape, task.num_classes, cfg.seed, env.dtype
+    ).to(env.device)
     x, y = task.train.x.to(env.device), task.train.y.to(env.device)
-    say(f"finetune ({cfg.case.name}): {cfg.dataset.name} classes {task.train.class_names}, n={len(task.train):,} "
-        f"examples, {t.steps} steps on {env.device}, from {pre.run.path}")
+    say(
+        f"finetune ({cfg.case.name}): {cfg.dataset.name} classes {task.train.class_names}, n={len(task.train):,} "
+        f"examples, {t.steps} steps on {env.device}, from {pre.run.path}"
+    )
     start = time.perf_counter()
     if not cfg.case.update_embedding:
         for p in net.embedding.parameters():
@@ -52,7 +55,7 @@ def finetune(cfg: DictConfig, tasks: Tasks | None = None) -> Trained:
             alpha = float(cfg.case.alpha)
 
             def penalty() -> torch.Tensor:
-                return alpha * sum(((p - a) ** 2).sum() for p, a in zip(net.embedding.parameters(), anchor))
+                return alpha * squared_distance(net.embedding.parameters(), anchor)
 
         fit_stats = fit(net, list(net.parameters()), x, y, t, cfg.seed, "finetune W, Θ", penalty)
     bs = cfg.train.eval_batch_size
@@ -64,15 +67,17 @@ def finetune(cfg: DictConfig, tasks: Tasks | None = None) -> Trained:
         "train": evaluate(net, (x, y), bs),
         "test": evaluate(net, (task.test.x.to(env.device), task.test.y.to(env.device)), bs),
         "fit": fit_stats,
-        "parameters": {"W": count_parameters(dict(net.embedding.named_parameters())),
-                       "Theta": count_parameters(dict(net.head.named_parameters()))},
+        "parameters": {
+            "W": count_parameters(dict(net.embedding.named_parameters())),
+            "Theta": count_parameters(dict(net.head.named_parameters())),
+        },
         "device": str(env.device),
         "seconds": time.perf_counter() - start,
         "pretrain_run": str(pre.run.path),
     }
     if cfg.case.update_embedding:
-        drift = sum(((p.detach() - a) ** 2).sum() for p, a in zip(net.embedding.parameters(), anchor))
-        metrics["embedding_drift"] = float(drift.sqrt())  # ‖W** − W*‖
+        with torch.no_grad():  # ‖W** − W*‖: how far finetuning moved the embedding
+            metrics["embedding_drift"] = float(squared_distance(net.embedding.parameters(), anchor).sqrt())
     net = net.cpu()
     for p in net.parameters():
         p.requires_grad_(True)
@@ -89,13 +94,19 @@ def ensure_finetuned(cfg: DictConfig, tasks: Tasks | None = None) -> tuple[Train
     path = resolve_upstream(cfg, run)
     if not path.exists():
         if cfg.upstream.get("finetune"):
-            raise MsifError(f"upstream.finetune points at {path}, which does not exist.",
-                            "Point it at a finetune run folder, or drop it to use the one these settings name.")
+            raise MsifError(
+                f"upstream.finetune points at {path}, which does not exist.",
+                "Point it at a finetune run folder, or drop it to use the one these settings name.",
+            )
         if not cfg.upstream.auto:
-            raise MsifError(f"There is no finetune checkpoint for these settings (looked for {path}).",
-                            "Run `msif finetune` with the same overrides first, or drop upstream.auto=false.")
-        say(f"No finetune checkpoint for these settings at {run.path}; running `msif finetune` first "
-            "(upstream.auto=false stops instead).")
+            raise MsifError(
+                f"There is no finetune checkpoint for these settings (looked for {path}).",
+                "Run `msif finetune` with the same overrides first, or drop upstream.auto=false.",
+            )
+        say(
+            f"No finetune checkpoint for these settings at {run.path}; running `msif finetune` first "
+            "(upstream.auto=false stops instead)."
+        )
         return pre, finetune(cfg, env.tasks)
     return pre, load_finetuned(cfg, pre, env.tasks, path)
 
@@ -105,7 +116,8 @@ def load_finetuned(cfg: DictConfig, pre: Trained, tasks: Tasks | None = None, pa
     path = path or run.checkpoint
     ckpt = load_checkpoint(path, run)
     input_shape, num_classes = shape_from(ckpt, tasks, "finetune")
-    net = build_finetune_net(cfg.model, copy.deepcopy(pre.net.embedding), input_shape, num_classes, cfg.seed,
-                             resolve_dtype(cfg.dtype))
+    net = build_finetune_net(
+        cfg.model, copy.deepcopy(pre.net.embedding), input_shape, num_classes, cfg.seed, resolve_dtype(cfg.dtype)
+    )
     load_state(net, ckpt["state"], path)
     return Trained(run, net, read_json(path.parent / "metrics.json"), path)

@@ -6,12 +6,12 @@ import time
 
 from omegaconf import DictConfig
 
+from msif.config import resolve_dtype
 from msif.console import console, say, table
 from msif.data import Tasks
 from msif.errors import MsifError
 from msif.models import build_pretrain_net, count_parameters, parameter_groups
 from msif.runs import load_checkpoint, pretrain_run, resolve_upstream, save_run
-from msif.config import resolve_dtype
 from msif.stages.common import Trained, load_state, read_json, setup, shape_from, shape_info, state_of
 from msif.training import evaluate, fit
 
@@ -26,8 +26,10 @@ def pretrain(cfg: DictConfig, tasks: Tasks | None = None) -> Trained:
     task = env.tasks.pretrain
     net = build_pretrain_net(cfg.model, env.tasks.input_shape, task.num_classes, cfg.seed, env.dtype).to(env.device)
     x, y = task.train.x.to(env.device), task.train.y.to(env.device)
-    say(f"pretrain: {cfg.dataset.name} classes {task.train.class_names}, m={len(task.train):,} examples, "
-        f"model {cfg.model.name}, {cfg.train.pretrain.steps} steps on {env.device}")
+    say(
+        f"pretrain: {cfg.dataset.name} classes {task.train.class_names}, m={len(task.train):,} examples, "
+        f"model {cfg.model.name}, {cfg.train.pretrain.steps} steps on {env.device}"
+    )
     start = time.perf_counter()
     fit_stats = fit(net, list(net.parameters()), x, y, cfg.train.pretrain, cfg.seed, "pretrain")
     bs = cfg.train.eval_batch_size
@@ -55,13 +57,19 @@ def ensure_pretrained(cfg: DictConfig, tasks: Tasks | None = None) -> Trained:
     path = resolve_upstream(cfg, run)
     if not path.exists():
         if cfg.upstream.get("pretrain"):
-            raise MsifError(f"upstream.pretrain points at {path}, which does not exist.",
-                            "Point it at a pretrain run folder, or drop it to use the one these settings name.")
+            raise MsifError(
+                f"upstream.pretrain points at {path}, which does not exist.",
+                "Point it at a pretrain run folder, or drop it to use the one these settings name.",
+            )
         if not cfg.upstream.auto:
-            raise MsifError(f"There is no pretrain checkpoint for these settings (looked for {path}).",
-                            "Run `msif pretrain` with the same overrides first, or drop upstream.auto=false.")
-        say(f"No pretrain checkpoint for these settings at {run.path}; running `msif pretrain` first "
-            "(upstream.auto=false stops instead).")
+            raise MsifError(
+                f"There is no pretrain checkpoint for these settings (looked for {path}).",
+                "Run `msif pretrain` with the same overrides first, or drop upstream.auto=false.",
+            )
+        say(
+            f"No pretrain checkpoint for these settings at {run.path}; running `msif pretrain` first "
+            "(upstream.auto=false stops instead)."
+        )
         return pretrain(cfg, tasks)
     return load_pretrained(cfg, tasks, path)
 
@@ -82,8 +90,13 @@ def summarize(stage: str, metrics: dict, path) -> None:
         for split in ("train", "test")
     ]
     fit = metrics["fit"]
-    console.print(table(f"{stage}: {fit['steps']} steps, {fit['seconds']:.1f} s",
-                        ["split", "examples", "mean loss", "accuracy"], rows))
+    console.print(
+        table(
+            f"{stage}: {fit['steps']} steps, {fit['seconds']:.1f} s",
+            ["split", "examples", "mean loss", "accuracy"],
+            rows,
+        )
+    )
     params = ", ".join(f"|{k.replace('Theta', 'Θ')}| = {v:,}" for k, v in metrics["parameters"].items())
     say(f"parameters: {params}")
     say(f"saved {path}/checkpoint.pt")

@@ -1,0 +1,38 @@
+# msif developer targets. `make demo` and `make test` install into .venv first when needed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.msif-installed
+
+.PHONY: help install demo test test-slow test-full lint clean-outputs
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create .venv and install msif (editable) with the dev tools
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: install  ## the main job on the embedded 8x8 digits (no download): pretrain, then finetune both cases
+	$(BIN)/msif pretrain
+	$(BIN)/msif finetune case=fixed
+	$(BIN)/msif finetune case=updated
+
+test: install  ## the fast test suite (a few minutes on 2 cores)
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-slow: install  ## the slow tests only (real data sets, full-size networks)
+	$(BIN)/python -m pytest -m slow -q
+
+test-full: install  ## every test
+	$(BIN)/python -m pytest -q
+
+lint: install  ## ruff
+	$(BIN)/ruff check msif tests
+	$(BIN)/ruff format --check msif tests
+
+clean-outputs:  ## delete run folders under outputs/ (keeps outputs/.gitkeep)
+	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
