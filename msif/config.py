@@ -127,3 +127,17 @@ def resolve_dtype(name: str):
     import torch
 
     return {"float32": torch.float32, "float64": torch.float64}[name]
+
+
+def influence_settings(cfg: DictConfig, finetune_signature: str) -> dict[str, Any]:
+    """The settings that determine an influence table, chained to its finetune checkpoint's signature."""
+    return {
+        "version": FORMAT_VERSION,
+        "finetune": finetune_signature,
+        "case": {"name": cfg.case.name, "alpha": cfg.case.get("alpha")},
+        "solver": cfg.solver,
+        "target": {k: v for k, v in cfg.target.items() if k != "chunk"},
+        "score": {"indices": cfg.score.indices},
+        "hessian": {k: v for k, v in cfg.hessian.items() if k != "batch_size"},
+        "dtype": cfg.dtype,
+    }

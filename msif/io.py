@@ -36,6 +36,10 @@ def atomic_write_text(text: str, path: Path) -> None:
     _atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    _atomic_write(path, lambda fh: fh.write(data))
+
+
 def atomic_write_json(obj: Any, path: Path) -> None:
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", path)
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from msif.config import finetune_settings, pretrain_settings, signature, to_plain
+from msif.config import finetune_settings, influence_settings, pretrain_settings, signature, to_plain
 from msif.errors import MsifError
 from msif.io import atomic_torch_save, atomic_write_json, atomic_write_text
 
@@ -38,6 +38,7 @@ class RunFolder:
     stage: str
     path: Path
     settings: dict[str, Any]
+    marker: str = CHECKPOINT  # the file written last: its presence marks a finished run
     signature: str = field(init=False)
 
     def __post_init__(self):
@@ -50,7 +51,7 @@ class RunFolder:
 
     @property
     def complete(self) -> bool:
-        return self.checkpoint.exists()
+        return (self.path / self.marker).exists()
 
 
 def pretrain_run(cfg: DictConfig) -> RunFolder:
@@ -64,6 +65,11 @@ def finetune_run(cfg: DictConfig, pretrain: RunFolder) -> RunFolder:
     settings = finetune_settings(cfg, pretrain.signature)
     sig = signature(settings)
     return RunFolder("finetune", pretrain.path / f"finetune-{cfg.case.name}-{sig}", settings)
+
+
+def influence_run(cfg: DictConfig, finetune: RunFolder) -> RunFolder:
+    settings = influence_settings(cfg, finetune.signature)
+    return RunFolder("influence", finetune.path / f"influence-{signature(settings)}", settings, marker="summary.json")
 
 
 def save_run(

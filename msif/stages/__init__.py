@@ -2,6 +2,7 @@
 command (msif/cli.py) is a thin Hydra wrapper around them."""
 
 from msif.stages.finetune import finetune
+from msif.stages.influence import influence
 from msif.stages.pretrain import pretrain
 
-__all__ = ["finetune", "pretrain"]
+__all__ = ["finetune", "influence", "pretrain"]

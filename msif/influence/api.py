@@ -1,0 +1,156 @@
+"""`MultiStageInfluence`: the Python API over the steps in multistage.py (the CLI stage is a thin layer on it).
+
+    from msif.influence import MultiStageInfluence
+    msi = MultiStageInfluence(pretrain_net, finetune_net, (x_pre, y_pre), (x_fin, y_fin), case="fixed")
+    scores = msi.influence(x_test, y_test)              # (m,)  I(z, T) for T = all the given test points
+    matrix = msi.influence(x_test, y_test, per_test=True)  # (m, |T|)  one column per test point
+
+The networks follow the embedding/head contract of msif.models: modules with `.embedding` (parameters W) and
+`.head` (U for the pretrain network, Θ for the finetune network), `forward(x) = head(embedding(x).flatten(1))`,
+trained with mean cross-entropy. Data are (x, y) tensors or any iterable of (x, y) batches (e.g. a DataLoader).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from msif.console import progress
+from msif.errors import MsifError
+from msif.influence.hessian import Hessian
+from msif.influence.multistage import Trace, ihvp1, ihvp2, mixed_term, pad_to_pretrain_space, target_gradient
+from msif.influence.params import ParamSpace, network_space, per_example_loss, summed_loss
+from msif.influence.scoring import score_examples
+from msif.training import embed
+
+CASES = ("fixed", "updated")
+
+
+def default_solver(method: str = "cg_normal", pretrain_damping: float = 1e-2, finetune_damping: float = 1e-8,
+                   iterations: int = 100, tol: float = 1e-6, **extra: Any) -> dict[str, dict[str, Any]]:
+    """Solver settings for both Hessians (the shape of the `solver` config group)."""
+    common = {"method": method, "iterations": iterations, "tol": tol, **extra}
+    return {"pretrain": {**common, "damping": pretrain_damping}, "finetune": {**common, "damping": finetune_damping}}
+
+
+def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) from a pair of tensors, an object with .x/.y, or an iterable of (x, y) batches."""
+    if hasattr(data, "x") and hasattr(data, "y"):
+        return data.x, data.y
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return data[0], data[1]
+    if isinstance(data, Iterable):
+        xs, ys = zip(*[(b[0], b[1]) for b in data], strict=True)
+        return torch.cat(xs), torch.cat(ys)
+    raise MsifError(f"Cannot read examples from a {type(data).__name__}.",
+                    "Pass (x, y) tensors or an iterable of (x, y) batches such as a DataLoader.")
+
+
+def _batches(x, y, idx, batch_size, device):
+    return [(x[idx[i : i + batch_size]].to(device), y[idx[i : i + batch_size]].to(device))
+            for i in range(0, len(idx), batch_size)]
+
+
+def _sample(n: int, k: int | None, seed: int) -> torch.Tensor:
+    if k is None or k >= n:
+        return torch.arange(n)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=gen)[:k].sort().values
+
+
+class MultiStageInfluence:
+    """Influence of pretraining examples on a finetuned model's test loss (Chen et al. 2020; MATH.md)."""
+
+    def __init__(self, pretrain_net: nn.Module, finetune_net: nn.Module, pretrain_data, finetune_data, *,
+                 case: str = "fixed", alpha: float = 0.01, solver: dict | None = None,
+                 hessian_sample: int | None = 1000, finetune_hessian_sample: int | None = None,
+                 sample_seed: int = 0, batch_size: int = 256, device: str | torch.device | None = None):
+        if case not in CASES:
+            raise MsifError(f"Unknown finetune case '{case}'.", "Use case='fixed' or case='updated'.")
+        self.case, self.alpha = case, float(alpha)
+        self.solver = solver or default_solver()
+        self.batch_size = batch_size
+        self.device = torch.device(device) if device is not None else next(pretrain_net.parameters()).device
+        self.pretrain_net = copy.deepcopy(pretrain_net).to(self.device).eval()
+        self.finetune_net = copy.deepcopy(finetune_net).to(self.device).eval()
+        self.x_pre, self.y_pre = as_tensors(pretrain_data)
+        self.x_fin, self.y_fin = as_tensors(finetune_data)
+        self.m, self.n = len(self.y_pre), len(self.y_fin)
+
+        # The pretrain side: G over a fixed random sample of pretraining examples (Appendix B: 1,000).
+        self.pre_space, self.pre_point = network_space(self.pretrain_net)
+        self.hessian_index = _sample(self.m, hessian_sample, sample_seed)
+        self.H_G = Hessian(summed_loss(self.pretrain_net, self.pre_space), self.pre_point,
+                           _batches(self.x_pre, self.y_pre, self.hessian_index, batch_size, self.device))
+
+        # The finetune side.
+        self.fin_space, self.fin_point = network_space(self.finetune_net)
+        self.W = self.fin_space.block("embedding.")
+        fin_idx = _sample(self.n, finetune_hessian_sample, sample_seed)
+        fin_batches = _batches(self.x_fin, self.y_fin, fin_idx, batch_size, self.device)
+        f_loss = summed_loss(self.finetune_net, self.fin_space)
+        if case == "fixed":
+            pre_W = self.pre_point[self.pre_space.block("embedding.")]
+            if not torch.allclose(pre_W, self.fin_point[self.W]):
+                raise MsifError("case='fixed' but the finetuned network's embedding differs from the pretrained one.",
+                                "In case fixed W stays at W*; use case='updated' for a finetuned embedding.")
+            # H_ΘΘ with W frozen: the features are computed once and the Hessian is over the head alone.
+            head_params = {k: v.detach() for k, v in self.finetune_net.head.named_parameters()}
+            head_space = ParamSpace(head_params)
+            features = [(embed(self.finetune_net.embedding, x, batch_size), y) for x, y in fin_batches]
+            self.H_F = Hessian(summed_loss(self.finetune_net.head, head_space), self.fin_point[self.W.stop :],
+                               features)
+            self.H_F_full = Hessian(f_loss, self.fin_point, fin_batches)
+        else:
+            shift = torch.zeros_like(self.fin_point)
+            shift[self.W] = 2 * self.alpha  # + 2α P_W: the proximal term's Hessian
+            self.H_F = Hessian(f_loss, self.fin_point, fin_batches, shift=shift)
+        self.trace = Trace()
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {"W": self.W.stop, "U": self.pre_space.size - self.W.stop, "Theta": self.fin_space.size - self.W.stop}
+
+    def target_vectors(self, x_T: torch.Tensor, y_T: torch.Tensor, per_test: bool = False) -> torch.Tensor:
+        """The solved vectors s (K, |W| + |U|), one per target (K = 1 unless `per_test`)."""
+        tr = self.trace
+        x_T, y_T = x_T.to(self.device), y_T.to(self.device)
+        with tr.timed("gradients"):
+            V = target_gradient(summed_loss(self.finetune_net, self.fin_space), self.fin_point, x_T, y_T, per_test,
+                                self.batch_size)
+        if self.case == "fixed":
+            with tr.timed("ihvp1"):
+                A, rep = ihvp1(self.H_F, V[:, self.W.stop :], self.solver["finetune"])
+                tr.solves.append(rep)
+            with tr.timed("mixed_term"):
+                u = V[:, self.W] - mixed_term(self.H_F_full, self.fin_space, A)
+            rhs = pad_to_pretrain_space(u, self.pre_space)
+        else:
+            with tr.timed("ihvp1"):
+                A, rep = ihvp1(self.H_F, V, self.solver["finetune"])
+                tr.solves.append(rep)
+            tr.seconds.setdefault("mixed_term", 0.0)  # no mixed term in case updated
+            rhs = pad_to_pretrain_space(2 * self.alpha * A[:, self.W], self.pre_space)
+        with tr.timed("ihvp2"):
+            S, rep = ihvp2(self.H_G, rhs, self.solver["pretrain"])
+            tr.solves.append(rep)
+        return S
+
+    def score(self, S: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """I(z, T) = −⟨s, ∇g(z)⟩ for the pretraining examples `indices` (all when None): (len, K)."""
+        idx = torch.arange(self.m) if indices is None else torch.as_tensor(indices)
+        x, y = self.x_pre[idx], self.y_pre[idx]
+        with self.trace.timed("scoring"), progress(transient=True) as bar:
+            task = bar.add_task("scoring pretraining examples", total=len(idx), info="")
+            return score_examples(per_example_loss(self.pretrain_net, self.pre_space),
+                                  summed_loss(self.pretrain_net, self.pre_space), self.pre_point, S.detach(), x, y,
+                                  self.batch_size, self.device, lambda k: bar.advance(task, k))
+
+    def influence(self, x_T: torch.Tensor, y_T: torch.Tensor, per_test: bool = False,
+                  indices: torch.Tensor | None = None) -> torch.Tensor:
+        """I(z, T) for every pretraining example z (or `indices`): (m,) for the summed target, (m, |T|) per test."""
+        scores = self.score(self.target_vectors(x_T, y_T, per_test), indices)
+        return scores if per_test else scores[:, 0]

@@ -1,0 +1,62 @@
+"""Hessians of mean losses, applied to vectors by automatic differentiation (never materialised, except `dense`).
+
+H = ∇² (1/N) Σ_i ℓ_i at a point, over fixed batches; `matvec` applies H (+ an optional diagonal shift) to a block of
+K vectors at once (forward-over-reverse: torch.func.jvp of torch.func.grad, vmapped over the K directions).
+Memory is O(parameters × K + one batch).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.func import grad, jvp, vmap
+
+from msif.influence.params import FlatLoss
+
+
+class Hessian:
+    """H = ∇² of (1/N) Σ over `batches` of `loss(point, x, y)` (+ diag(`shift`)), at the flat vector `point`."""
+
+    def __init__(self, loss: FlatLoss, point: torch.Tensor, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                 shift: torch.Tensor | None = None, chunk: int = 32):
+        self.loss = loss
+        self.point = point.detach()
+        self.batches = batches
+        self.n = sum(len(y) for _, y in batches)
+        self.shift = shift
+        self.chunk = chunk
+        self.calls = 0  # Hessian-vector products applied (one per direction)
+        self.seconds = 0.0
+
+    @property
+    def size(self) -> int:
+        return self.point.numel()
+
+    def matvec(self, V: torch.Tensor) -> torch.Tensor:
+        """H @ v for every row v of V (K, p) -> (K, p)."""
+        start = time.perf_counter()
+        out = torch.zeros_like(V)
+        for x, y in self.batches:
+            def batch_grad(q, x=x, y=y):
+                return grad(self.loss)(q, x, y)
+
+            def hvp(v, batch_grad=batch_grad):
+                return jvp(batch_grad, (self.point,), (v,))[1]
+
+            for i in range(0, len(V), self.chunk):
+                block = V[i : i + self.chunk]
+                out[i : i + self.chunk] += hvp(block[0]).unsqueeze(0) if len(block) == 1 else vmap(hvp)(block)
+        out /= self.n
+        if self.shift is not None:
+            out += self.shift * V
+        self.calls += len(V)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def dense(self) -> torch.Tensor:
+        """The explicit (p, p) matrix, column block by column block (for the `exact` solver on small models)."""
+        eye = torch.eye(self.size, dtype=self.point.dtype, device=self.point.device)
+        cols = [self.matvec(eye[i : i + 256]) for i in range(0, self.size, 256)]
+        H = torch.cat(cols)
+        return (H + H.T) / 2  # symmetric up to rounding

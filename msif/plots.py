@@ -1,0 +1,86 @@
+"""Pictures of influence: the most harmful and most helpful pretraining images (paper Figure 4) and the score
+distribution on a log density scale (Figures 5–6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from msif.io import atomic_write_bytes  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(buf.getvalue(), path)
+
+
+def score_histogram(series: dict[str, np.ndarray], path: Path, title: str, bins: int = 80) -> None:
+    """Density histogram of each score series, log-scaled density axis, on shared bins."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    values = np.concatenate([v for v in series.values() if len(v)])
+    edges = np.histogram_bin_edges(values, bins=bins)
+    for label, v in series.items():
+        mean_abs = float(np.mean(np.abs(v))) if len(v) else float("nan")
+        ax.hist(v, bins=edges, density=True, histtype="stepfilled", alpha=0.5, log=True,
+                label=f"{label} (mean |I| = {mean_abs:.3g})")
+    ax.set_xlabel("influence score I(z, T)  [d L_T / d ε, L_T summed over T]")
+    ax.set_ylabel("probability density (log scale)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def to_image(x: torch.Tensor, mean, std) -> np.ndarray:
+    """Undo the data set's normalisation: (C, H, W) tensor -> (H, W) or (H, W, 3) array in [0, 1]."""
+    x = x.detach().cpu().float()
+    if mean is not None:
+        m = torch.tensor(list(mean)).view(-1, 1, 1)
+        s = torch.tensor(list(std)).view(-1, 1, 1)
+        x = x * s + m
+    x = x.clamp(0, 1)
+    return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
+
+
+def influence_grid(rows: list[dict], path: Path, title: str) -> None:
+    """One row per target: [target image] + harmful images + helpful images, each captioned.
+
+    Each row dict has `target` (image array or None, caption) and `harmful`, `helpful`: lists of (image, caption).
+    """
+    k = max(max(len(r["harmful"]), len(r["helpful"])) for r in rows)
+    has_target = any(r["target"] is not None for r in rows)
+    ncols = 2 * k + (1 if has_target else 0)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.25 * ncols, 1.55 * len(rows) + 0.5), squeeze=False)
+    for r, row in enumerate(rows):
+        cells = ([row["target"]] if has_target else []) + row["harmful"] + [None] * (k - len(row["harmful"]))
+        cells += row["helpful"] + [None] * (k - len(row["helpful"]))
+        for c, cell in enumerate(cells):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if cell is None:
+                ax.axis("off")
+                continue
+            img, caption = cell
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+            ax.set_xlabel(caption, fontsize=6)
+            if has_target and c == 0:
+                for side in ax.spines.values():
+                    side.set_edgecolor("tab:blue")
+                    side.set_linewidth(2)
+    offset = 1 if has_target else 0
+    axes[0][offset].set_title("most harmful (largest I) →", fontsize=8, loc="left", color="tab:red")
+    axes[0][offset + k].set_title("most helpful (smallest I) →", fontsize=8, loc="left", color="tab:green")
+    if has_target:
+        axes[0][0].set_title("target", fontsize=8, color="tab:blue")
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)

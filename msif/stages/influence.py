@@ -1,0 +1,273 @@
+"""Stage 3, `msif influence`: score every pretraining example's influence on the finetune test loss (MATH.md).
+
+Writes, in `<finetune run>/influence-<sig>/`: scores.parquet (and scores.csv on request), summary.json (written
+last: its presence marks a finished run), score_histogram.png and, for image data, influence_grid.png.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from msif.console import console, say, table
+from msif.data import Examples, Tasks
+from msif.errors import MsifError
+from msif.influence import METHODS, MultiStageInfluence
+from msif.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from msif.runs import influence_run
+from msif.stages.common import Trained, read_json, setup
+from msif.stages.finetune import ensure_finetuned
+
+TARGET_KINDS = ("test_set", "indices", "misclassified")
+
+
+@dataclass
+class InfluenceResult:
+    path: Path
+    scores: pd.DataFrame
+    summary: dict
+
+
+def influence(cfg: DictConfig, tasks: Tasks | None = None) -> InfluenceResult:
+    """Compute (or reuse) the influence table these settings name."""
+    _check_settings(cfg)
+    env = setup(cfg, tasks)
+    pre, fin = ensure_finetuned(cfg, env.tasks)
+    run = influence_run(cfg, fin.run)
+    if run.complete and not cfg.force:
+        say(f"influence: reusing the finished run {run.path} (same settings; force=true recomputes)")
+        scores = pd.read_parquet(run.path / "scores.parquet")
+        summary = read_json(run.path / "summary.json")
+        _write_extras(cfg, run.path, scores, env.tasks, summary)
+        _report(cfg, scores, summary, run.path)
+        return InfluenceResult(run.path, scores, summary)
+
+    start = time.perf_counter()
+    pre_set, test = env.tasks.pretrain.train, env.tasks.finetune.test
+    targets = select_targets(cfg.target, fin, test, env.device, cfg.train.eval_batch_size)
+    score_rows = select_rows(cfg.score.indices, len(pre_set))
+    say(f"influence ({cfg.case.name}): {cfg.dataset.name}, m={len(pre_set):,} pretraining examples "
+        f"({len(score_rows):,} scored), target T = {len(targets):,} test points ({cfg.target.kind}"
+        f"{', per test point' if cfg.target.per_test else ', summed'}), solver {cfg.solver.pretrain.method}")
+    msi = MultiStageInfluence(
+        pre.net, fin.net, pre_set, env.tasks.finetune.train,
+        case=cfg.case.name, alpha=float(cfg.case.get("alpha") or 0.0),
+        solver=OmegaConf.to_container(cfg.solver, resolve=True),
+        hessian_sample=cfg.hessian.pretrain_sample, finetune_hessian_sample=cfg.hessian.finetune_sample,
+        sample_seed=cfg.hessian.seed, batch_size=cfg.hessian.batch_size, device=env.device,
+    )
+    x_T, y_T = test.x[targets], test.y[targets]
+    chunk = int(cfg.target.chunk) if cfg.target.per_test else len(targets)
+    blocks = []
+    for i in range(0, len(targets), chunk):
+        S = msi.target_vectors(x_T[i : i + chunk], y_T[i : i + chunk], per_test=bool(cfg.target.per_test))
+        blocks.append(msi.score(S, score_rows))
+    scores = torch.cat(blocks, dim=1)  # (rows, K)
+    frame = score_table(scores, score_rows, pre_set, targets if cfg.target.per_test else None, test)
+
+    run.path.mkdir(parents=True, exist_ok=True)
+    _write_parquet(frame, run.path / "scores.parquet")
+    summary = {
+        "stage": "influence",
+        "case": cfg.case.name,
+        "alpha": cfg.case.get("alpha") if cfg.case.name == "updated" else None,
+        "dataset": cfg.dataset.name,
+        "m": len(pre_set),
+        "n": len(env.tasks.finetune.train),
+        "scored": len(score_rows),
+        "target": {"kind": cfg.target.kind, "per_test": bool(cfg.target.per_test), "size": len(targets),
+                   "test_indices": targets.tolist() if len(targets) <= 1000 else None},
+        "parameters": msi.parameter_counts(),
+        "hessian_sample": {"pretrain": len(msi.hessian_index), "finetune": msi.H_F.n},
+        "seconds": {k: round(v, 3) for k, v in msi.trace.seconds.items()}
+        | {"total": round(time.perf_counter() - start, 3)},
+        "solves": [r.as_dict() for r in msi.trace.solves],
+        "score_stats": _stats(frame["score"].to_numpy()),
+        "settings": run.settings,
+        "device": str(env.device),
+        "pretrain_run": str(pre.run.path),
+        "finetune_run": str(fin.run.path),
+        "finetune_test_accuracy": fin.metrics.get("test", {}).get("accuracy"),
+    }
+    _write_extras(cfg, run.path, frame, env.tasks, summary)
+    atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), run.path / "config.yaml")
+    atomic_write_json(summary, run.path / "summary.json")  # last: marks the run finished
+    _report(cfg, frame, summary, run.path)
+    return InfluenceResult(run.path, frame, summary)
+
+
+def _check_settings(cfg: DictConfig) -> None:
+    for side in ("finetune", "pretrain"):
+        method = cfg.solver[side].get("method")
+        if method not in METHODS:
+            raise MsifError(f"Unknown IHVP solver '{method}' (solver.{side}.method).",
+                            f"Use one of {list(METHODS)}: solver=<name> for both Hessians, "
+                            f"or solver.{side}.method=<name>.")
+    if cfg.target.kind not in TARGET_KINDS:
+        raise MsifError(f"Unknown target kind '{cfg.target.kind}'.", f"Use target.kind= one of {list(TARGET_KINDS)}.")
+
+
+def select_rows(indices, size: int, what: str = "score.indices", of: str = "pretraining set") -> torch.Tensor:
+    """Validated row indices into a set of `size` rows (all rows when `indices` is None)."""
+    if indices is None:
+        return torch.arange(size)
+    rows = list(indices) if not isinstance(indices, int) else [indices]
+    bad = [i for i in rows if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < size]
+    if not rows or bad:
+        raise MsifError(f"{what} contains {bad[:5] if bad else 'nothing'}: not rows of the {of} (0..{size - 1}).",
+                        f"List row indices between 0 and {size - 1}, as the `index` column of the tables shows.")
+    if len(set(rows)) != len(rows):
+        raise MsifError(f"{what} lists some rows more than once.", "List each row once.")
+    return torch.tensor(rows)
+
+
+def select_targets(target: DictConfig, fin: Trained, test: Examples, device, batch_size: int) -> torch.Tensor:
+    """Rows of the finetune test set that make up T."""
+    if target.kind == "test_set":
+        rows = torch.arange(len(test))
+    elif target.kind == "indices":
+        if target.indices is None:
+            raise MsifError("target.kind=indices needs target.indices.", "Pass e.g. target.indices=[0,5,17].")
+        rows = select_rows(target.indices, len(test), "target.indices", "finetune test set")
+    else:
+        net = fin.net.to(device).eval()
+        with torch.no_grad():
+            pred = torch.cat([net(test.x[i : i + batch_size].to(device)).argmax(1).cpu()
+                              for i in range(0, len(test), batch_size)])
+        fin.net.cpu()
+        rows = torch.nonzero(pred != test.y).flatten()
+        if len(rows) == 0:
+            raise MsifError("target.kind=misclassified, but the finetuned model classifies every test example "
+                            "correctly.", "Use target.kind=test_set or target.indices=[...].")
+    if target.max_points is not None:
+        rows = rows[: int(target.max_points)]
+    return rows
+
+
+def score_table(scores: torch.Tensor, rows: torch.Tensor, pre_set: Examples, targets: torch.Tensor | None,
+                test: Examples) -> pd.DataFrame:
+    """The long table: one row per (pretraining example, target). See README, "Score table"."""
+    m = len(pre_set)
+    names = np.array(pre_set.class_names)
+    labels = pre_set.y[rows].numpy()
+    base = {
+        "index": rows.numpy(),
+        "source_index": pre_set.source_index[rows].numpy(),
+        "label": labels,
+        "class_name": names[labels],
+    }
+    frames = []
+    for k in range(scores.shape[1]):
+        s = scores[:, k].double().numpy()
+        f = pd.DataFrame(base)
+        if targets is not None:
+            t = int(targets[k])
+            f.insert(0, "test_index", t)
+            f.insert(1, "test_source_index", int(test.source_index[t]))
+            f.insert(2, "test_label", int(test.y[t]))
+            f.insert(3, "test_class_name", test.class_names[int(test.y[t])])
+        f["score"] = s
+        f["predicted_removal_effect"] = -s / m
+        f["rank"] = pd.Series(s).rank(ascending=False, method="first").astype(int).to_numpy()
+        frames.append(f)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _stats(s: np.ndarray) -> dict:
+    return {"mean": float(s.mean()), "mean_abs": float(np.abs(s).mean()), "std": float(s.std()),
+            "min": float(s.min()), "max": float(s.max()), "positive_fraction": float((s > 0).mean())}
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    atomic_write_bytes(buf.getvalue(), path)
+
+
+def _write_extras(cfg: DictConfig, path: Path, frame: pd.DataFrame, tasks: Tasks, summary: dict) -> None:
+    """scores.csv (on request) and the pictures; recreated when missing, so a reused run gains them too."""
+    if cfg.output.csv and not (path / "scores.csv").exists():
+        atomic_write_text(frame.to_csv(index=False), path / "scores.csv")
+    if not cfg.output.plots:
+        return
+    from msif import plots
+
+    if not (path / "score_histogram.png").exists():
+        title = f"{cfg.dataset.name}, case {cfg.case.name}: influence of {summary.get('scored', len(frame)):,} " \
+                "pretraining examples"
+        plots.score_histogram({f"case {cfg.case.name}": frame["score"].to_numpy()}, path / "score_histogram.png",
+                              title)
+    if len(tasks.input_shape) == 3 and not (path / "influence_grid.png").exists():
+        _grid(cfg, path, frame, tasks)
+
+
+def _grid(cfg: DictConfig, path: Path, frame: pd.DataFrame, tasks: Tasks) -> None:
+    from msif import plots
+
+    norm = cfg.dataset.get("normalize")
+    mean, std = (norm.mean, norm.std) if norm is not None else (None, None)
+    pre, test = tasks.pretrain.train, tasks.finetune.test
+    k = int(cfg.output.top_k)
+
+    def cell(i: int, score: float):
+        return plots.to_image(pre.x[i], mean, std), f"#{i} {pre.class_names[int(pre.y[i])]}\nI={score:.3g}"
+
+    rows = []
+    groups = frame.groupby("test_index", sort=False) if "test_index" in frame else [(None, frame)]
+    for t, f in list(groups)[:8]:
+        f = f.sort_values("score", ascending=False)
+        target = None
+        if t is not None:
+            target = (plots.to_image(test.x[int(t)], mean, std),
+                      f"test #{int(t)}\n{test.class_names[int(test.y[int(t)])]}")
+        rows.append({"target": target,
+                     "harmful": [cell(int(r.index), r.score) for r in f.head(k).itertuples()],
+                     "helpful": [cell(int(r.index), r.score) for r in f.tail(k)[::-1].itertuples()]})
+    title = f"{cfg.dataset.name}, case {cfg.case.name}: pretraining images by influence on " + (
+        "each target test image" if "test_index" in frame else f"the summed test loss ({cfg.target.kind})")
+    plots.influence_grid(rows, path / "influence_grid.png", title)
+
+
+def _report(cfg: DictConfig, frame: pd.DataFrame, summary: dict, path: Path) -> None:
+    k = int(cfg.output.top_k)
+    f = frame if "test_index" not in frame else frame[frame["test_index"] == frame["test_index"].iloc[0]]
+    f = f.sort_values("score", ascending=False)
+    rows = [["harmful", int(r.index), r.class_name, r.score, r.predicted_removal_effect] for r in f.head(k).itertuples()]
+    rows += [["helpful", int(r.index), r.class_name, r.score, r.predicted_removal_effect]
+             for r in f.tail(k)[::-1].itertuples()]
+    which = "" if "test_index" not in frame else f" for test point {int(f['test_index'].iloc[0])}"
+    console.print(table(f"most harmful and most helpful pretraining examples{which}",
+                        ["", "index", "class", "score I", "ΔL_T if removed ≈ −I/m"], rows))
+    solves = summary.get("solves", [])
+    sec = summary.get("seconds", {})
+    steps = ["gradients", "ihvp1", "mixed_term", "ihvp2", "scoring", "total"]
+    console.print(table("timings (s)", steps, [[f"{sec.get(s, 0.0):.2f}" for s in steps]]))
+    if solves:
+        console.print(table("IHVP solves", ["Hessian", "method", "damping", "iterations", "HVPs", "residual",
+                                             "‖Hx−b‖/‖b‖"],
+                            [[r["label"], r["method"], r["damping"], r["iterations"], r["hvps"],
+                              f"{r['residual']:.2e}",
+                              "-" if r["inverse_residual"] is None else f"{r['inverse_residual']:.2e}"]
+                             for r in _merge_solves(solves)]))
+    say(f"scores: {path / 'scores.parquet'} ({len(frame):,} rows)")
+
+
+def _merge_solves(solves: list[dict]) -> list[dict]:
+    """One row per Hessian: worst residual, summed iterations and HVPs over the target blocks."""
+    out: dict[str, dict] = {}
+    for r in solves:
+        o = out.setdefault(r["label"], dict(r, iterations=0, hvps=0, residual=0.0, inverse_residual=None))
+        o["iterations"] += r["iterations"]
+        o["hvps"] += r["hvps"]
+        o["residual"] = max(o["residual"], r["residual"])
+        if r["inverse_residual"] is not None:
+            o["inverse_residual"] = max(o["inverse_residual"] or 0.0, r["inverse_residual"])
+    return list(out.values())
