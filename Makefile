@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.msif-installed
 
-.PHONY: help install demo test test-slow test-full lint clean-outputs
+.PHONY: help install demo test test-slow test-full bench lint clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -16,10 +16,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-demo: install  ## the main job on the embedded 8x8 digits (no download): pretrain, then finetune both cases
+demo: install  ## the main job on the embedded 8x8 digits (no download): pretrain, finetune, influence, both cases
 	$(BIN)/msif pretrain
 	$(BIN)/msif finetune case=fixed
 	$(BIN)/msif finetune case=updated
+	$(BIN)/msif influence case=fixed
+	$(BIN)/msif influence case=updated
 
 test: install  ## the fast test suite (a few minutes on 2 cores)
 	$(BIN)/python -m pytest -m "not slow" -q
@@ -29,6 +31,9 @@ test-slow: install  ## the slow tests only (real data sets, full-size networks)
 
 test-full: install  ## every test
 	$(BIN)/python -m pytest -q
+
+bench: install  ## influence speed on MNIST (needs MSIF_DATA): msif vs a per-example gradient loop vs a forward pass
+	$(BIN)/python benchmarks/influence_speed.py
 
 lint: install  ## ruff
 	$(BIN)/ruff check msif tests

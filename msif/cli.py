@@ -31,8 +31,9 @@ STAGES = {
     "finetune": Stage(
         "train the finetune head Θ (and W when case=updated) from the pretrained W*", "msif.stages:finetune"
     ),
-    "influence": Stage("score every pretraining example's influence on the finetune test loss",
-                       "msif.stages:influence"),
+    "influence": Stage(
+        "score every pretraining example's influence on the finetune test loss", "msif.stages:influence"
+    ),
     "validate-loo": Stage("check predicted influence against leave-one-out retraining (Pearson r)", None, 4),
     "cleanse": Stage("remove the most harmful pretraining examples, retrain, compare accuracy", None, 5),
 }

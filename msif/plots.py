@@ -31,8 +31,15 @@ def score_histogram(series: dict[str, np.ndarray], path: Path, title: str, bins:
     edges = np.histogram_bin_edges(values, bins=bins)
     for label, v in series.items():
         mean_abs = float(np.mean(np.abs(v))) if len(v) else float("nan")
-        ax.hist(v, bins=edges, density=True, histtype="stepfilled", alpha=0.5, log=True,
-                label=f"{label} (mean |I| = {mean_abs:.3g})")
+        ax.hist(
+            v,
+            bins=edges,
+            density=True,
+            histtype="stepfilled",
+            alpha=0.5,
+            log=True,
+            label=f"{label} (mean |I| = {mean_abs:.3g})",
+        )
     ax.set_xlabel("influence score I(z, T)  [d L_T / d ε, L_T summed over T]")
     ax.set_ylabel("probability density (log scale)")
     ax.set_title(title)

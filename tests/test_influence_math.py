@@ -74,8 +74,15 @@ def nets_from(w, u, theta) -> tuple[TwoStageNet, TwoStageNet]:
 def minimize(objective, x0: torch.Tensor) -> torch.Tensor:
     """L-BFGS, then Newton steps with the explicit Hessian: stationary to machine precision (float64)."""
     x = x0.clone().requires_grad_()
-    opt = torch.optim.LBFGS([x], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-16,
-                            history_size=50, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [x],
+        lr=1,
+        max_iter=500,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-16,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -126,7 +133,9 @@ class Problem:
 
         def objective(wt):
             w, t = wt[:N_W], wt[N_W:]
-            return ce(w, t, self.xf, self.yf) + self.alpha * (w - w_bar).pow(2).sum() + self.mu_fin / 2 * wt.pow(2).sum()
+            return (
+                ce(w, t, self.xf, self.yf) + self.alpha * (w - w_bar).pow(2).sum() + self.mu_fin / 2 * wt.pow(2).sum()
+            )
 
         wt = minimize(objective, torch.cat([w0, t0]))
         return wt[:N_W], wt[N_W:]
@@ -139,9 +148,17 @@ class Problem:
     def msif(self, solver: dict, alpha: float | None = None) -> MultiStageInfluence:
         pre, _ = nets_from(self.w, self.u, self.theta)
         _, fin = nets_from(self.wf, self.u, self.theta)
-        return MultiStageInfluence(pre, fin, (self.xp, self.yp), (self.xf, self.yf), case=self.case,
-                                   alpha=self.alpha if alpha is None else alpha, solver=solver,
-                                   hessian_sample=None, batch_size=64)
+        return MultiStageInfluence(
+            pre,
+            fin,
+            (self.xp, self.yp),
+            (self.xf, self.yf),
+            case=self.case,
+            alpha=self.alpha if alpha is None else alpha,
+            solver=solver,
+            hessian_sample=None,
+            batch_size=64,
+        )
 
 
 def exact(mu_pre, mu_fin, **kw):
@@ -152,8 +169,9 @@ def exact(mu_pre, mu_fin, **kw):
 # The independent computation: explicit Hessians of hand-written losses, dense solves.
 
 
-def explicit_scores(p: Problem, case: str, alpha: float, lam_pre: float, lam_fin: float, identity: bool = False,
-                    normal: bool = False) -> torch.Tensor:
+def explicit_scores(
+    p: Problem, case: str, alpha: float, lam_pre: float, lam_fin: float, identity: bool = False, normal: bool = False
+) -> torch.Tensor:
     def G(wu):
         return ce(wu[:N_W], wu[N_W:], p.xp, p.yp)
 
@@ -241,6 +259,7 @@ def test_finite_differences_of_the_retrained_test_loss_match_the_score(problem, 
 
 def test_the_problem_is_at_a_strict_minimum(problem):
     """The finite-difference test's premise: both stages stationary, with positive definite Hessians."""
+
     def G(wu):
         return ce(wu[:N_W], wu[N_W:], problem.xp, problem.yp) + problem.mu_pre / 2 * wu.pow(2).sum()
 

@@ -30,8 +30,14 @@ from msif.training import embed
 CASES = ("fixed", "updated")
 
 
-def default_solver(method: str = "cg_normal", pretrain_damping: float = 1e-2, finetune_damping: float = 1e-8,
-                   iterations: int = 100, tol: float = 1e-6, **extra: Any) -> dict[str, dict[str, Any]]:
+def default_solver(
+    method: str = "cg_normal",
+    pretrain_damping: float = 1e-2,
+    finetune_damping: float = 1e-8,
+    iterations: int = 100,
+    tol: float = 1e-6,
+    **extra: Any,
+) -> dict[str, dict[str, Any]]:
     """Solver settings for both Hessians (the shape of the `solver` config group)."""
     common = {"method": method, "iterations": iterations, "tol": tol, **extra}
     return {"pretrain": {**common, "damping": pretrain_damping}, "finetune": {**common, "damping": finetune_damping}}
@@ -46,13 +52,17 @@ def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(data, Iterable):
         xs, ys = zip(*[(b[0], b[1]) for b in data], strict=True)
         return torch.cat(xs), torch.cat(ys)
-    raise MsifError(f"Cannot read examples from a {type(data).__name__}.",
-                    "Pass (x, y) tensors or an iterable of (x, y) batches such as a DataLoader.")
+    raise MsifError(
+        f"Cannot read examples from a {type(data).__name__}.",
+        "Pass (x, y) tensors or an iterable of (x, y) batches such as a DataLoader.",
+    )
 
 
 def _batches(x, y, idx, batch_size, device):
-    return [(x[idx[i : i + batch_size]].to(device), y[idx[i : i + batch_size]].to(device))
-            for i in range(0, len(idx), batch_size)]
+    return [
+        (x[idx[i : i + batch_size]].to(device), y[idx[i : i + batch_size]].to(device))
+        for i in range(0, len(idx), batch_size)
+    ]
 
 
 def _sample(n: int, k: int | None, seed: int) -> torch.Tensor:
@@ -65,10 +75,22 @@ def _sample(n: int, k: int | None, seed: int) -> torch.Tensor:
 class MultiStageInfluence:
     """Influence of pretraining examples on a finetuned model's test loss (Chen et al. 2020; MATH.md)."""
 
-    def __init__(self, pretrain_net: nn.Module, finetune_net: nn.Module, pretrain_data, finetune_data, *,
-                 case: str = "fixed", alpha: float = 0.01, solver: dict | None = None,
-                 hessian_sample: int | None = 1000, finetune_hessian_sample: int | None = None,
-                 sample_seed: int = 0, batch_size: int = 256, device: str | torch.device | None = None):
+    def __init__(
+        self,
+        pretrain_net: nn.Module,
+        finetune_net: nn.Module,
+        pretrain_data,
+        finetune_data,
+        *,
+        case: str = "fixed",
+        alpha: float = 0.01,
+        solver: dict | None = None,
+        hessian_sample: int | None = 1000,
+        finetune_hessian_sample: int | None = None,
+        sample_seed: int = 0,
+        batch_size: int = 256,
+        device: str | torch.device | None = None,
+    ):
         if case not in CASES:
             raise MsifError(f"Unknown finetune case '{case}'.", "Use case='fixed' or case='updated'.")
         self.case, self.alpha = case, float(alpha)
@@ -84,8 +106,11 @@ class MultiStageInfluence:
         # The pretrain side: G over a fixed random sample of pretraining examples (Appendix B: 1,000).
         self.pre_space, self.pre_point = network_space(self.pretrain_net)
         self.hessian_index = _sample(self.m, hessian_sample, sample_seed)
-        self.H_G = Hessian(summed_loss(self.pretrain_net, self.pre_space), self.pre_point,
-                           _batches(self.x_pre, self.y_pre, self.hessian_index, batch_size, self.device))
+        self.H_G = Hessian(
+            summed_loss(self.pretrain_net, self.pre_space),
+            self.pre_point,
+            _batches(self.x_pre, self.y_pre, self.hessian_index, batch_size, self.device),
+        )
 
         # The finetune side.
         self.fin_space, self.fin_point = network_space(self.finetune_net)
@@ -96,14 +121,15 @@ class MultiStageInfluence:
         if case == "fixed":
             pre_W = self.pre_point[self.pre_space.block("embedding.")]
             if not torch.allclose(pre_W, self.fin_point[self.W]):
-                raise MsifError("case='fixed' but the finetuned network's embedding differs from the pretrained one.",
-                                "In case fixed W stays at W*; use case='updated' for a finetuned embedding.")
+                raise MsifError(
+                    "case='fixed' but the finetuned network's embedding differs from the pretrained one.",
+                    "In case fixed W stays at W*; use case='updated' for a finetuned embedding.",
+                )
             # H_ΘΘ with W frozen: the features are computed once and the Hessian is over the head alone.
             head_params = {k: v.detach() for k, v in self.finetune_net.head.named_parameters()}
             head_space = ParamSpace(head_params)
             features = [(embed(self.finetune_net.embedding, x, batch_size), y) for x, y in fin_batches]
-            self.H_F = Hessian(summed_loss(self.finetune_net.head, head_space), self.fin_point[self.W.stop :],
-                               features)
+            self.H_F = Hessian(summed_loss(self.finetune_net.head, head_space), self.fin_point[self.W.stop :], features)
             self.H_F_full = Hessian(f_loss, self.fin_point, fin_batches)
         else:
             shift = torch.zeros_like(self.fin_point)
@@ -119,8 +145,9 @@ class MultiStageInfluence:
         tr = self.trace
         x_T, y_T = x_T.to(self.device), y_T.to(self.device)
         with tr.timed("gradients"):
-            V = target_gradient(summed_loss(self.finetune_net, self.fin_space), self.fin_point, x_T, y_T, per_test,
-                                self.batch_size)
+            V = target_gradient(
+                summed_loss(self.finetune_net, self.fin_space), self.fin_point, x_T, y_T, per_test, self.batch_size
+            )
         if self.case == "fixed":
             with tr.timed("ihvp1"):
                 A, rep = ihvp1(self.H_F, V[:, self.W.stop :], self.solver["finetune"])
@@ -145,12 +172,21 @@ class MultiStageInfluence:
         x, y = self.x_pre[idx], self.y_pre[idx]
         with self.trace.timed("scoring"), progress(transient=True) as bar:
             task = bar.add_task("scoring pretraining examples", total=len(idx), info="")
-            return score_examples(per_example_loss(self.pretrain_net, self.pre_space),
-                                  summed_loss(self.pretrain_net, self.pre_space), self.pre_point, S.detach(), x, y,
-                                  self.batch_size, self.device, lambda k: bar.advance(task, k))
+            return score_examples(
+                per_example_loss(self.pretrain_net, self.pre_space),
+                summed_loss(self.pretrain_net, self.pre_space),
+                self.pre_point,
+                S.detach(),
+                x,
+                y,
+                self.batch_size,
+                self.device,
+                lambda k: bar.advance(task, k),
+            )
 
-    def influence(self, x_T: torch.Tensor, y_T: torch.Tensor, per_test: bool = False,
-                  indices: torch.Tensor | None = None) -> torch.Tensor:
+    def influence(
+        self, x_T: torch.Tensor, y_T: torch.Tensor, per_test: bool = False, indices: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """I(z, T) for every pretraining example z (or `indices`): (m,) for the summed target, (m, |T|) per test."""
         scores = self.score(self.target_vectors(x_T, y_T, per_test), indices)
         return scores if per_test else scores[:, 0]

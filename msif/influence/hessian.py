@@ -18,8 +18,14 @@ from msif.influence.params import FlatLoss
 class Hessian:
     """H = ∇² of (1/N) Σ over `batches` of `loss(point, x, y)` (+ diag(`shift`)), at the flat vector `point`."""
 
-    def __init__(self, loss: FlatLoss, point: torch.Tensor, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                 shift: torch.Tensor | None = None, chunk: int = 32):
+    def __init__(
+        self,
+        loss: FlatLoss,
+        point: torch.Tensor,
+        batches: list[tuple[torch.Tensor, torch.Tensor]],
+        shift: torch.Tensor | None = None,
+        chunk: int = 32,
+    ):
         self.loss = loss
         self.point = point.detach()
         self.batches = batches
@@ -38,6 +44,7 @@ class Hessian:
         start = time.perf_counter()
         out = torch.zeros_like(V)
         for x, y in self.batches:
+
             def batch_grad(q, x=x, y=y):
                 return grad(self.loss)(q, x, y)
 

@@ -48,8 +48,9 @@ class Trace:
         return _Timer()
 
 
-def target_gradient(loss: FlatLoss, point: torch.Tensor, x_T: torch.Tensor, y_T: torch.Tensor, per_test: bool,
-                    batch_size: int) -> torch.Tensor:
+def target_gradient(
+    loss: FlatLoss, point: torch.Tensor, x_T: torch.Tensor, y_T: torch.Tensor, per_test: bool, batch_size: int
+) -> torch.Tensor:
     """Step 1: ∇ L_T at `point`, L_T = Σ_{t∈T} f(t). One row (1, p), or one row per test point (|T|, p)."""
     rows = []
     for i in range(0, len(y_T), batch_size):

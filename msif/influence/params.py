@@ -44,8 +44,10 @@ class ParamSpace:
 def network_space(net: nn.Module) -> tuple[ParamSpace, torch.Tensor]:
     """The flat space of a TwoStageNet (embedding W first, then the head) and its current point."""
     params = {k: v.detach() for k, v in net.named_parameters()}
-    params = {**{k: v for k, v in params.items() if k.startswith("embedding.")},
-              **{k: v for k, v in params.items() if not k.startswith("embedding.")}}
+    params = {
+        **{k: v for k, v in params.items() if k.startswith("embedding.")},
+        **{k: v for k, v in params.items() if not k.startswith("embedding.")},
+    }
     space = ParamSpace(params)
     return space, space.flatten(params)
 

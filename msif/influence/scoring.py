@@ -18,9 +18,17 @@ from msif.influence.params import FlatLoss
 PER_EXAMPLE_BUDGET = 2**25
 
 
-def score_examples(per_example: FlatLoss, summed: FlatLoss, point: torch.Tensor, S: torch.Tensor, x: torch.Tensor,
-                   y: torch.Tensor, batch_size: int, device: torch.device,
-                   on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+def score_examples(
+    per_example: FlatLoss,
+    summed: FlatLoss,
+    point: torch.Tensor,
+    S: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    on_batch: Callable[[int], None] | None = None,
+) -> torch.Tensor:
     """Scores (m, K): −⟨S_k, ∇g(z_i)⟩ for each example i of (x, y) and each row S_k."""
     K = len(S)
     out = torch.empty(len(y), K, dtype=S.dtype)

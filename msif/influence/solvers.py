@@ -51,8 +51,10 @@ def solve(H, B: torch.Tensor, settings, label: str) -> tuple[torch.Tensor, Solve
     """Solve H x = b for each row of B (K, p) with `settings.method`; see the module docstring."""
     method = settings.get("method")
     if method not in METHODS:
-        raise MsifError(f"Unknown IHVP solver '{method}' for the {label} Hessian.",
-                        f"Use one of {list(METHODS)} (solver=<name>, or solver.{label}.method=<name>).")
+        raise MsifError(
+            f"Unknown IHVP solver '{method}' for the {label} Hessian.",
+            f"Use one of {list(METHODS)} (solver=<name>, or solver.{label}.method=<name>).",
+        )
     damping = float(settings.get("damping", 0.0))
     report = SolveReport(label, method, damping)
     calls0, start = H.calls, time.perf_counter()
@@ -67,9 +69,10 @@ def solve(H, B: torch.Tensor, settings, label: str) -> tuple[torch.Tensor, Solve
     else:
         X = _lissa(H, B, damping, settings, report)
     if not torch.isfinite(X).all():
-        raise MsifError(f"The {label} Hessian IHVP ({method}) produced NaN or infinite values.",
-                        "Increase the damping (solver.*.damping), or use solver=cg_normal, which handles an "
-                        "indefinite Hessian.")
+        raise MsifError(
+            f"The {label} Hessian IHVP ({method}) produced NaN or infinite values.",
+            "Increase the damping (solver.*.damping), or use solver=cg_normal, which handles an indefinite Hessian.",
+        )
     if method != "identity":
         HX = H.matvec(X)
         report.inverse_residual = _max_rel(HX - B, B)
@@ -109,8 +112,10 @@ def _check(report: SolveReport, settings) -> None:
         )
     report.converged = r <= 10 * tol  # CG stops on its recursive residual; the recomputed one may drift slightly
     if not report.converged and report.method != "identity":
-        say(f"[yellow]warning:[/] the {where} stopped at relative residual {r:.3g} (tol {tol:g}); "
-            f"‖Hx − b‖/‖b‖ = {report.inverse_residual:.3g}. More iterations or damping would tighten it.")
+        say(
+            f"[yellow]warning:[/] the {where} stopped at relative residual {r:.3g} (tol {tol:g}); "
+            f"‖Hx − b‖/‖b‖ = {report.inverse_residual:.3g}. More iterations or damping would tighten it."
+        )
 
 
 def _cg(apply_A, R0: torch.Tensor, settings, report: SolveReport) -> torch.Tensor:

@@ -52,15 +52,24 @@ def influence(cfg: DictConfig, tasks: Tasks | None = None) -> InfluenceResult:
     pre_set, test = env.tasks.pretrain.train, env.tasks.finetune.test
     targets = select_targets(cfg.target, fin, test, env.device, cfg.train.eval_batch_size)
     score_rows = select_rows(cfg.score.indices, len(pre_set))
-    say(f"influence ({cfg.case.name}): {cfg.dataset.name}, m={len(pre_set):,} pretraining examples "
+    say(
+        f"influence ({cfg.case.name}): {cfg.dataset.name}, m={len(pre_set):,} pretraining examples "
         f"({len(score_rows):,} scored), target T = {len(targets):,} test points ({cfg.target.kind}"
-        f"{', per test point' if cfg.target.per_test else ', summed'}), solver {cfg.solver.pretrain.method}")
+        f"{', per test point' if cfg.target.per_test else ', summed'}), solver {cfg.solver.pretrain.method}"
+    )
     msi = MultiStageInfluence(
-        pre.net, fin.net, pre_set, env.tasks.finetune.train,
-        case=cfg.case.name, alpha=float(cfg.case.get("alpha") or 0.0),
+        pre.net,
+        fin.net,
+        pre_set,
+        env.tasks.finetune.train,
+        case=cfg.case.name,
+        alpha=float(cfg.case.get("alpha") or 0.0),
         solver=OmegaConf.to_container(cfg.solver, resolve=True),
-        hessian_sample=cfg.hessian.pretrain_sample, finetune_hessian_sample=cfg.hessian.finetune_sample,
-        sample_seed=cfg.hessian.seed, batch_size=cfg.hessian.batch_size, device=env.device,
+        hessian_sample=cfg.hessian.pretrain_sample,
+        finetune_hessian_sample=cfg.hessian.finetune_sample,
+        sample_seed=cfg.hessian.seed,
+        batch_size=cfg.hessian.batch_size,
+        device=env.device,
     )
     x_T, y_T = test.x[targets], test.y[targets]
     chunk = int(cfg.target.chunk) if cfg.target.per_test else len(targets)
@@ -81,8 +90,12 @@ def influence(cfg: DictConfig, tasks: Tasks | None = None) -> InfluenceResult:
         "m": len(pre_set),
         "n": len(env.tasks.finetune.train),
         "scored": len(score_rows),
-        "target": {"kind": cfg.target.kind, "per_test": bool(cfg.target.per_test), "size": len(targets),
-                   "test_indices": targets.tolist() if len(targets) <= 1000 else None},
+        "target": {
+            "kind": cfg.target.kind,
+            "per_test": bool(cfg.target.per_test),
+            "size": len(targets),
+            "test_indices": targets.tolist() if len(targets) <= 1000 else None,
+        },
         "parameters": msi.parameter_counts(),
         "hessian_sample": {"pretrain": len(msi.hessian_index), "finetune": msi.H_F.n},
         "seconds": {k: round(v, 3) for k, v in msi.trace.seconds.items()}
@@ -106,9 +119,10 @@ def _check_settings(cfg: DictConfig) -> None:
     for side in ("finetune", "pretrain"):
         method = cfg.solver[side].get("method")
         if method not in METHODS:
-            raise MsifError(f"Unknown IHVP solver '{method}' (solver.{side}.method).",
-                            f"Use one of {list(METHODS)}: solver=<name> for both Hessians, "
-                            f"or solver.{side}.method=<name>.")
+            raise MsifError(
+                f"Unknown IHVP solver '{method}' (solver.{side}.method).",
+                f"Use one of {list(METHODS)}: solver=<name> for both Hessians, or solver.{side}.method=<name>.",
+            )
     if cfg.target.kind not in TARGET_KINDS:
         raise MsifError(f"Unknown target kind '{cfg.target.kind}'.", f"Use target.kind= one of {list(TARGET_KINDS)}.")
 
@@ -120,8 +134,10 @@ def select_rows(indices, size: int, what: str = "score.indices", of: str = "pret
     rows = list(indices) if not isinstance(indices, int) else [indices]
     bad = [i for i in rows if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < size]
     if not rows or bad:
-        raise MsifError(f"{what} contains {bad[:5] if bad else 'nothing'}: not rows of the {of} (0..{size - 1}).",
-                        f"List row indices between 0 and {size - 1}, as the `index` column of the tables shows.")
+        raise MsifError(
+            f"{what} contains {bad[:5] if bad else 'nothing'}: not rows of the {of} (0..{size - 1}).",
+            f"List row indices between 0 and {size - 1}, as the `index` column of the tables shows.",
+        )
     if len(set(rows)) != len(rows):
         raise MsifError(f"{what} lists some rows more than once.", "List each row once.")
     return torch.tensor(rows)
@@ -138,20 +154,24 @@ def select_targets(target: DictConfig, fin: Trained, test: Examples, device, bat
     else:
         net = fin.net.to(device).eval()
         with torch.no_grad():
-            pred = torch.cat([net(test.x[i : i + batch_size].to(device)).argmax(1).cpu()
-                              for i in range(0, len(test), batch_size)])
+            pred = torch.cat(
+                [net(test.x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(test), batch_size)]
+            )
         fin.net.cpu()
         rows = torch.nonzero(pred != test.y).flatten()
         if len(rows) == 0:
-            raise MsifError("target.kind=misclassified, but the finetuned model classifies every test example "
-                            "correctly.", "Use target.kind=test_set or target.indices=[...].")
+            raise MsifError(
+                "target.kind=misclassified, but the finetuned model classifies every test example correctly.",
+                "Use target.kind=test_set or target.indices=[...].",
+            )
     if target.max_points is not None:
         rows = rows[: int(target.max_points)]
     return rows
 
 
-def score_table(scores: torch.Tensor, rows: torch.Tensor, pre_set: Examples, targets: torch.Tensor | None,
-                test: Examples) -> pd.DataFrame:
+def score_table(
+    scores: torch.Tensor, rows: torch.Tensor, pre_set: Examples, targets: torch.Tensor | None, test: Examples
+) -> pd.DataFrame:
     """The long table: one row per (pretraining example, target). See README, "Score table"."""
     m = len(pre_set)
     names = np.array(pre_set.class_names)
@@ -180,8 +200,14 @@ def score_table(scores: torch.Tensor, rows: torch.Tensor, pre_set: Examples, tar
 
 
 def _stats(s: np.ndarray) -> dict:
-    return {"mean": float(s.mean()), "mean_abs": float(np.abs(s).mean()), "std": float(s.std()),
-            "min": float(s.min()), "max": float(s.max()), "positive_fraction": float((s > 0).mean())}
+    return {
+        "mean": float(s.mean()),
+        "mean_abs": float(np.abs(s).mean()),
+        "std": float(s.std()),
+        "min": float(s.min()),
+        "max": float(s.max()),
+        "positive_fraction": float((s > 0).mean()),
+    }
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
@@ -201,10 +227,11 @@ def _write_extras(cfg: DictConfig, path: Path, frame: pd.DataFrame, tasks: Tasks
     from msif import plots
 
     if not (path / "score_histogram.png").exists():
-        title = f"{cfg.dataset.name}, case {cfg.case.name}: influence of {summary.get('scored', len(frame)):,} " \
-                "pretraining examples"
-        plots.score_histogram({f"case {cfg.case.name}": frame["score"].to_numpy()}, path / "score_histogram.png",
-                              title)
+        title = (
+            f"{cfg.dataset.name}, case {cfg.case.name}: influence of {summary.get('scored', len(frame)):,} "
+            "pretraining examples"
+        )
+        plots.score_histogram({f"case {cfg.case.name}": frame["score"].to_numpy()}, path / "score_histogram.png", title)
     if len(tasks.input_shape) == 3 and not (path / "influence_grid.png").exists():
         _grid(cfg, path, frame, tasks)
 
@@ -226,13 +253,20 @@ def _grid(cfg: DictConfig, path: Path, frame: pd.DataFrame, tasks: Tasks) -> Non
         f = f.sort_values("score", ascending=False)
         target = None
         if t is not None:
-            target = (plots.to_image(test.x[int(t)], mean, std),
-                      f"test #{int(t)}\n{test.class_names[int(test.y[int(t)])]}")
-        rows.append({"target": target,
-                     "harmful": [cell(int(r.index), r.score) for r in f.head(k).itertuples()],
-                     "helpful": [cell(int(r.index), r.score) for r in f.tail(k)[::-1].itertuples()]})
+            target = (
+                plots.to_image(test.x[int(t)], mean, std),
+                f"test #{int(t)}\n{test.class_names[int(test.y[int(t)])]}",
+            )
+        rows.append(
+            {
+                "target": target,
+                "harmful": [cell(int(r.index), r.score) for r in f.head(k).itertuples()],
+                "helpful": [cell(int(r.index), r.score) for r in f.tail(k)[::-1].itertuples()],
+            }
+        )
     title = f"{cfg.dataset.name}, case {cfg.case.name}: pretraining images by influence on " + (
-        "each target test image" if "test_index" in frame else f"the summed test loss ({cfg.target.kind})")
+        "each target test image" if "test_index" in frame else f"the summed test loss ({cfg.target.kind})"
+    )
     plots.influence_grid(rows, path / "influence_grid.png", title)
 
 
@@ -240,23 +274,44 @@ def _report(cfg: DictConfig, frame: pd.DataFrame, summary: dict, path: Path) -> 
     k = int(cfg.output.top_k)
     f = frame if "test_index" not in frame else frame[frame["test_index"] == frame["test_index"].iloc[0]]
     f = f.sort_values("score", ascending=False)
-    rows = [["harmful", int(r.index), r.class_name, r.score, r.predicted_removal_effect] for r in f.head(k).itertuples()]
-    rows += [["helpful", int(r.index), r.class_name, r.score, r.predicted_removal_effect]
-             for r in f.tail(k)[::-1].itertuples()]
+    rows = [
+        ["harmful", int(r.index), r.class_name, r.score, r.predicted_removal_effect] for r in f.head(k).itertuples()
+    ]
+    rows += [
+        ["helpful", int(r.index), r.class_name, r.score, r.predicted_removal_effect]
+        for r in f.tail(k)[::-1].itertuples()
+    ]
     which = "" if "test_index" not in frame else f" for test point {int(f['test_index'].iloc[0])}"
-    console.print(table(f"most harmful and most helpful pretraining examples{which}",
-                        ["", "index", "class", "score I", "ΔL_T if removed ≈ −I/m"], rows))
+    console.print(
+        table(
+            f"most harmful and most helpful pretraining examples{which}",
+            ["", "index", "class", "score I", "ΔL_T if removed ≈ −I/m"],
+            rows,
+        )
+    )
     solves = summary.get("solves", [])
     sec = summary.get("seconds", {})
     steps = ["gradients", "ihvp1", "mixed_term", "ihvp2", "scoring", "total"]
     console.print(table("timings (s)", steps, [[f"{sec.get(s, 0.0):.2f}" for s in steps]]))
     if solves:
-        console.print(table("IHVP solves", ["Hessian", "method", "damping", "iterations", "HVPs", "residual",
-                                             "‖Hx−b‖/‖b‖"],
-                            [[r["label"], r["method"], r["damping"], r["iterations"], r["hvps"],
-                              f"{r['residual']:.2e}",
-                              "-" if r["inverse_residual"] is None else f"{r['inverse_residual']:.2e}"]
-                             for r in _merge_solves(solves)]))
+        console.print(
+            table(
+                "IHVP solves",
+                ["Hessian", "method", "damping", "iterations", "HVPs", "residual", "‖Hx−b‖/‖b‖"],
+                [
+                    [
+                        r["label"],
+                        r["method"],
+                        r["damping"],
+                        r["iterations"],
+                        r["hvps"],
+                        f"{r['residual']:.2e}",
+                        "-" if r["inverse_residual"] is None else f"{r['inverse_residual']:.2e}",
+                    ]
+                    for r in _merge_solves(solves)
+                ],
+            )
+        )
     say(f"scores: {path / 'scores.parquet'} ({len(frame):,} rows)")
 
 

@@ -1,0 +1,131 @@
+"""`msif influence` end to end: the table, summary and pictures it writes, reuse, and its refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from msif.stages import influence
+from tests.conftest import compose_cfg, run_msif
+from tests.test_cli import ok, refused
+
+TINY = ["dataset=tiny", "dtype=float64"]
+
+
+def only(root, pattern):
+    (path,) = list(root.rglob(pattern))
+    return path
+
+
+@pytest.mark.parametrize("case", ["fixed", "updated"])
+def test_influence_writes_the_table_summary_and_histogram(case, env, tmp_path):
+    proc = ok(run_msif(["influence", *TINY, f"case={case}", "output.csv=true"], env))
+    assert "running `msif finetune` first" in proc.stdout and "most harmful" in proc.stdout
+    run = only(tmp_path / "outputs", "summary.json").parent
+    assert run.parent.name.startswith(f"finetune-{case}-") and run.name.startswith("influence-")
+    frame = pd.read_parquet(run / "scores.parquet")
+    m = 180  # tiny: 3 classes x 60 training examples
+    assert list(frame.columns) == [
+        "index",
+        "source_index",
+        "label",
+        "class_name",
+        "score",
+        "predicted_removal_effect",
+        "rank",
+    ]
+    assert len(frame) == m and sorted(frame["index"]) == list(range(m))
+    assert (frame["predicted_removal_effect"] == -frame["score"] / m).all()
+    assert frame.loc[frame["score"].idxmax(), "rank"] == 1 and sorted(frame["rank"]) == list(range(1, m + 1))
+    assert frame["score"].notna().all() and frame["score"].abs().sum() > 0
+    assert pd.read_csv(run / "scores.csv").shape == frame.shape
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["m"] == m and summary["case"] == case and summary["target"]["size"] == 90
+    assert {"gradients", "ihvp1", "mixed_term", "ihvp2", "scoring", "total"} <= set(summary["seconds"])
+    assert [s["label"] for s in summary["solves"]] == ["finetune", "pretrain"]
+    assert all(s["residual"] < 1e-4 for s in summary["solves"])
+    assert summary["parameters"] == {"W": 88, "U": 27, "Theta": 27}
+    assert (run / "score_histogram.png").stat().st_size > 1000
+    again = ok(run_msif(["influence", *TINY, f"case={case}"], env))
+    assert "reusing" in again.stdout
+
+
+def test_digits_per_test_point_table_and_picture_grid(env, tmp_path):
+    ok(
+        run_msif(
+            [
+                "influence",
+                "dataset=digits",
+                "target.kind=misclassified",
+                "target.per_test=true",
+                "target.max_points=3",
+                "train.pretrain.steps=60",
+                "train.finetune.steps=60",
+            ],
+            env,
+        )
+    )
+    run = only(tmp_path / "outputs", "summary.json").parent
+    frame = pd.read_parquet(run / "scores.parquet")
+    assert frame["test_index"].nunique() == 3 and len(frame) == 3 * 541
+    assert list(frame.columns[:4]) == ["test_index", "test_source_index", "test_label", "test_class_name"]
+    assert (frame.groupby("test_index")["rank"].min() == 1).all()
+    assert (run / "influence_grid.png").stat().st_size > 5000
+
+
+def test_per_test_scores_sum_to_the_summed_target_through_the_stage(env):
+    common = [*TINY, "solver=exact", "target.kind=indices", "target.indices=[0,3,7,11]"]
+    summed = influence(compose_cfg("influence", common)).scores
+    per = influence(compose_cfg("influence", [*common, "target.per_test=true", "target.chunk=3"])).scores
+    total = per.groupby("index")["score"].sum().sort_index().to_numpy()
+    assert abs(total - summed.sort_values("index")["score"].to_numpy()).max() < 1e-9 * abs(total).max()
+
+
+def test_a_subset_of_pretraining_examples_is_scored_with_the_same_numbers(env):
+    full = influence(compose_cfg("influence", [*TINY, "solver=exact"])).scores.set_index("index")
+    part = influence(compose_cfg("influence", [*TINY, "solver=exact", "score.indices=[5,0,99]"])).scores
+    assert list(part["index"]) == [5, 0, 99]
+    assert abs(part.set_index("index")["score"] - full.loc[[5, 0, 99], "score"]).max() < 1e-12
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["upstream.auto=false"], ["no pretrain checkpoint", "msif pretrain"]),
+        (["score.indices=[0,5000]"], ["5000", "not rows of the pretraining set"]),
+        (["target.kind=indices", "target.indices=[-1]"], ["not rows of the finetune test set"]),
+        (["solver=nope"], ["Could not find 'solver/nope'", "cg_normal"]),
+        (["solver.pretrain.method=newton"], ["Unknown IHVP solver 'newton'", "cg_normal"]),
+        (["solver=exact", "solver.pretrain.max_params=50"], ["exact solver would form", "max_params=50"]),
+        (["target.kind=everything"], ["Unknown target kind"]),
+    ],
+)
+def test_bad_influence_input_is_refused_clearly(args, needles, env, tmp_path):
+    refused(run_msif(["influence", *TINY, *args], env), *needles)
+    assert not list((tmp_path / "outputs").rglob("summary.json"))
+
+
+def test_an_unconverged_solve_is_an_error_not_a_table(env, tmp_path):
+    refused(
+        run_msif(
+            [
+                "influence",
+                *TINY,
+                "solver=cg",
+                "solver.pretrain.iterations=1",
+                "solver.pretrain.damping=0",
+                "solver.pretrain.max_residual=1e-3",
+            ],
+            env,
+        ),
+        "did not converge",
+        "relative residual",
+    )
+    assert not list((tmp_path / "outputs").rglob("scores.parquet"))
+
+
+def test_influence_without_a_finetune_checkpoint_and_auto_upstream_off(env, tmp_path):
+    ok(run_msif(["pretrain", *TINY], env))
+    refused(run_msif(["influence", *TINY, "upstream.auto=false"], env), "no finetune checkpoint", "msif finetune")
