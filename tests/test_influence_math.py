@@ -19,7 +19,6 @@ from torch.func import hessian, jacrev
 from msif.influence import MultiStageInfluence, default_solver
 from msif.models import TwoStageNet
 
-torch.set_default_dtype(torch.float64)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 DX, DE, K_PRE, K_FIN = 4, 5, 3, 3
@@ -217,8 +216,17 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", autouse=True)
+def float64():
+    """Every tensor of this module in float64 (restored afterwards, so other test modules are unaffected)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
 @pytest.fixture(scope="module", params=["fixed", "updated"])
-def problem(request) -> Problem:
+def problem(request, float64) -> Problem:
     return Problem(request.param)
 
 

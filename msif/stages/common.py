@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,11 @@ import torch
 from omegaconf import DictConfig
 
 from msif.config import resolve_device, resolve_dtype, validate_config
+from msif.console import say
 from msif.data import Tasks, build_tasks
 from msif.errors import MsifError
 from msif.models import TwoStageNet
-from msif.runs import RunFolder
+from msif.runs import RunFolder, resolve_upstream
 
 
 @dataclass
@@ -85,3 +87,27 @@ def read_json(path: Path) -> dict[str, Any]:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def ensure_upstream(
+    cfg: DictConfig, run: RunFolder, make: Callable[[], Trained], load: Callable[[Path], Trained]
+) -> Trained:
+    """The `run.stage` result these settings name: loaded when it exists, else made (if `upstream.auto`)."""
+    path = resolve_upstream(cfg, run)
+    if path.exists():
+        return load(path)
+    if cfg.upstream.get(run.stage):
+        raise MsifError(
+            f"upstream.{run.stage} points at {path}, which does not exist.",
+            f"Point it at a {run.stage} run folder, or drop it to use the one these settings name.",
+        )
+    if not cfg.upstream.auto:
+        raise MsifError(
+            f"There is no {run.stage} checkpoint for these settings (looked for {path}).",
+            f"Run `msif {run.stage}` with the same overrides first, or drop upstream.auto=false.",
+        )
+    say(
+        f"No {run.stage} checkpoint for these settings at {run.path}; running `msif {run.stage}` first "
+        "(upstream.auto=false stops instead)."
+    )
+    return make()

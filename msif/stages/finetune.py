@@ -16,10 +16,18 @@ from omegaconf import DictConfig
 from msif.config import resolve_dtype
 from msif.console import say
 from msif.data import Tasks
-from msif.errors import MsifError
 from msif.models import build_finetune_net, count_parameters
-from msif.runs import finetune_run, load_checkpoint, resolve_upstream, save_run
-from msif.stages.common import Trained, load_state, read_json, setup, shape_from, shape_info, state_of
+from msif.runs import finetune_run, load_checkpoint, save_run
+from msif.stages.common import (
+    Trained,
+    ensure_upstream,
+    load_state,
+    read_json,
+    setup,
+    shape_from,
+    shape_info,
+    state_of,
+)
 from msif.stages.pretrain import ensure_pretrained, summarize
 from msif.training import embed, evaluate, fit, squared_distance
 
@@ -90,25 +98,13 @@ def ensure_finetuned(cfg: DictConfig, tasks: Tasks | None = None) -> tuple[Train
     """The (pretrained, finetuned) pair these settings name, made first when missing (if `upstream.auto`)."""
     env = setup(cfg, tasks)
     pre = ensure_pretrained(cfg, env.tasks)
-    run = finetune_run(cfg, pre.run)
-    path = resolve_upstream(cfg, run)
-    if not path.exists():
-        if cfg.upstream.get("finetune"):
-            raise MsifError(
-                f"upstream.finetune points at {path}, which does not exist.",
-                "Point it at a finetune run folder, or drop it to use the one these settings name.",
-            )
-        if not cfg.upstream.auto:
-            raise MsifError(
-                f"There is no finetune checkpoint for these settings (looked for {path}).",
-                "Run `msif finetune` with the same overrides first, or drop upstream.auto=false.",
-            )
-        say(
-            f"No finetune checkpoint for these settings at {run.path}; running `msif finetune` first "
-            "(upstream.auto=false stops instead)."
-        )
-        return pre, finetune(cfg, env.tasks)
-    return pre, load_finetuned(cfg, pre, env.tasks, path)
+    fin = ensure_upstream(
+        cfg,
+        finetune_run(cfg, pre.run),
+        lambda: finetune(cfg, env.tasks),
+        lambda path: load_finetuned(cfg, pre, env.tasks, path),
+    )
+    return pre, fin
 
 
 def load_finetuned(cfg: DictConfig, pre: Trained, tasks: Tasks | None = None, path=None) -> Trained:

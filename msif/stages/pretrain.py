@@ -9,10 +9,18 @@ from omegaconf import DictConfig
 from msif.config import resolve_dtype
 from msif.console import console, say, table
 from msif.data import Tasks
-from msif.errors import MsifError
 from msif.models import build_pretrain_net, count_parameters, parameter_groups
-from msif.runs import load_checkpoint, pretrain_run, resolve_upstream, save_run
-from msif.stages.common import Trained, load_state, read_json, setup, shape_from, shape_info, state_of
+from msif.runs import load_checkpoint, pretrain_run, save_run
+from msif.stages.common import (
+    Trained,
+    ensure_upstream,
+    load_state,
+    read_json,
+    setup,
+    shape_from,
+    shape_info,
+    state_of,
+)
 from msif.training import evaluate, fit
 
 
@@ -53,25 +61,9 @@ def pretrain(cfg: DictConfig, tasks: Tasks | None = None) -> Trained:
 
 def ensure_pretrained(cfg: DictConfig, tasks: Tasks | None = None) -> Trained:
     """The pretrained model these settings ask for: loaded, or made first when missing (if `upstream.auto`)."""
-    run = pretrain_run(cfg)
-    path = resolve_upstream(cfg, run)
-    if not path.exists():
-        if cfg.upstream.get("pretrain"):
-            raise MsifError(
-                f"upstream.pretrain points at {path}, which does not exist.",
-                "Point it at a pretrain run folder, or drop it to use the one these settings name.",
-            )
-        if not cfg.upstream.auto:
-            raise MsifError(
-                f"There is no pretrain checkpoint for these settings (looked for {path}).",
-                "Run `msif pretrain` with the same overrides first, or drop upstream.auto=false.",
-            )
-        say(
-            f"No pretrain checkpoint for these settings at {run.path}; running `msif pretrain` first "
-            "(upstream.auto=false stops instead)."
-        )
-        return pretrain(cfg, tasks)
-    return load_pretrained(cfg, tasks, path)
+    return ensure_upstream(
+        cfg, pretrain_run(cfg), lambda: pretrain(cfg, tasks), lambda path: load_pretrained(cfg, tasks, path)
+    )
 
 
 def load_pretrained(cfg: DictConfig, tasks: Tasks | None = None, path=None) -> Trained:
