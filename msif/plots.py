@@ -58,36 +58,28 @@ def to_image(x: torch.Tensor, mean, std) -> np.ndarray:
     return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
 
 
-def influence_grid(rows: list[dict], path: Path, title: str) -> None:
-    """One row per target: [target image] + harmful images + helpful images, each captioned.
+COLOURS = {"target": "tab:blue", "harmful": "tab:red", "helpful": "tab:green"}
 
-    Each row dict has `target` (image array or None, caption) and `harmful`, `helpful`: lists of (image, caption).
-    """
-    k = max(max(len(r["harmful"]), len(r["helpful"])) for r in rows)
-    has_target = any(r["target"] is not None for r in rows)
-    ncols = 2 * k + (1 if has_target else 0)
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.25 * ncols, 1.55 * len(rows) + 0.5), squeeze=False)
-    for r, row in enumerate(rows):
-        cells = ([row["target"]] if has_target else []) + row["harmful"] + [None] * (k - len(row["harmful"]))
-        cells += row["helpful"] + [None] * (k - len(row["helpful"]))
-        for c, cell in enumerate(cells):
+
+def influence_grid(rows: list[tuple[str, list[tuple[np.ndarray, str, str]]]], path: Path, title: str) -> None:
+    """A grid of captioned images, one row per (row label, cells); a cell is (image, caption, kind) and its frame
+    is coloured by kind: the target test image (blue), harmful (red) or helpful (green) pretraining images."""
+    ncols = max(len(cells) for _, cells in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.2 * ncols + 0.8, 1.5 * len(rows) + 0.6), squeeze=False)
+    for r, (label, cells) in enumerate(rows):
+        for c in range(ncols):
             ax = axes[r][c]
             ax.set_xticks([])
             ax.set_yticks([])
-            if cell is None:
+            if c >= len(cells):
                 ax.axis("off")
                 continue
-            img, caption = cell
+            img, caption, kind = cells[c]
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
             ax.set_xlabel(caption, fontsize=6)
-            if has_target and c == 0:
-                for side in ax.spines.values():
-                    side.set_edgecolor("tab:blue")
-                    side.set_linewidth(2)
-    offset = 1 if has_target else 0
-    axes[0][offset].set_title("most harmful (largest I) →", fontsize=8, loc="left", color="tab:red")
-    axes[0][offset + k].set_title("most helpful (smallest I) →", fontsize=8, loc="left", color="tab:green")
-    if has_target:
-        axes[0][0].set_title("target", fontsize=8, color="tab:blue")
+            for side in ax.spines.values():
+                side.set_edgecolor(COLOURS[kind])
+                side.set_linewidth(2)
+        axes[r][0].set_ylabel(label, fontsize=7)
     fig.suptitle(title, fontsize=9)
     _save(fig, path)

@@ -70,7 +70,14 @@ def test_digits_per_test_point_table_and_picture_grid(env, tmp_path):
     run = only(tmp_path / "outputs", "summary.json").parent
     frame = pd.read_parquet(run / "scores.parquet")
     assert frame["test_index"].nunique() == 3 and len(frame) == 3 * 541
-    assert list(frame.columns[:4]) == ["test_index", "test_source_index", "test_label", "test_class_name"]
+    assert list(frame.columns[:5]) == [
+        "test_index",
+        "test_source_index",
+        "test_label",
+        "test_class_name",
+        "test_prediction",
+    ]
+    assert (frame["test_prediction"] != frame["test_class_name"]).all()  # misclassified targets
     assert (frame.groupby("test_index")["rank"].min() == 1).all()
     assert (run / "influence_grid.png").stat().st_size > 5000
 

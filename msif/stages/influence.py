@@ -44,13 +44,14 @@ def influence(cfg: DictConfig, tasks: Tasks | None = None) -> InfluenceResult:
         say(f"influence: reusing the finished run {run.path} (same settings; force=true recomputes)")
         scores = pd.read_parquet(run.path / "scores.parquet")
         summary = read_json(run.path / "summary.json")
-        _write_extras(cfg, run.path, scores, env.tasks, summary)
+        _write_extras(cfg, run.path, scores, env.tasks, summary, fresh=False)
         _report(cfg, scores, summary, run.path)
         return InfluenceResult(run.path, scores, summary)
 
     start = time.perf_counter()
     pre_set, test = env.tasks.pretrain.train, env.tasks.finetune.test
-    targets = select_targets(cfg.target, fin, test, env.device, cfg.train.eval_batch_size)
+    pred = predict(fin, test, env.device, cfg.train.eval_batch_size)
+    targets = select_targets(cfg.target, test, pred)
     score_rows = select_rows(cfg.score.indices, len(pre_set))
     say(
         f"influence ({cfg.case.name}): {cfg.dataset.name}, m={len(pre_set):,} pretraining examples "
@@ -78,7 +79,7 @@ def influence(cfg: DictConfig, tasks: Tasks | None = None) -> InfluenceResult:
         S = msi.target_vectors(x_T[i : i + chunk], y_T[i : i + chunk], per_test=bool(cfg.target.per_test))
         blocks.append(msi.score(S, score_rows))
     scores = torch.cat(blocks, dim=1)  # (rows, K)
-    frame = score_table(scores, score_rows, pre_set, targets if cfg.target.per_test else None, test)
+    frame = score_table(scores, score_rows, pre_set, targets if cfg.target.per_test else None, test, pred)
 
     run.path.mkdir(parents=True, exist_ok=True)
     _write_parquet(frame, run.path / "scores.parquet")
@@ -143,8 +144,17 @@ def select_rows(indices, size: int, what: str = "score.indices", of: str = "pret
     return torch.tensor(rows)
 
 
-def select_targets(target: DictConfig, fin: Trained, test: Examples, device, batch_size: int) -> torch.Tensor:
-    """Rows of the finetune test set that make up T."""
+@torch.no_grad()
+def predict(fin: Trained, test: Examples, device, batch_size: int) -> torch.Tensor:
+    """The finetuned model's predicted label for every finetune test example."""
+    net = fin.net.to(device).eval()
+    chunks = [net(test.x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(test), batch_size)]
+    fin.net.cpu()
+    return torch.cat(chunks)
+
+
+def select_targets(target: DictConfig, test: Examples, pred: torch.Tensor) -> torch.Tensor:
+    """Rows of the finetune test set that make up T (`pred`: the finetuned model's predictions)."""
     if target.kind == "test_set":
         rows = torch.arange(len(test))
     elif target.kind == "indices":
@@ -152,12 +162,6 @@ def select_targets(target: DictConfig, fin: Trained, test: Examples, device, bat
             raise MsifError("target.kind=indices needs target.indices.", "Pass e.g. target.indices=[0,5,17].")
         rows = select_rows(target.indices, len(test), "target.indices", "finetune test set")
     else:
-        net = fin.net.to(device).eval()
-        with torch.no_grad():
-            pred = torch.cat(
-                [net(test.x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(test), batch_size)]
-            )
-        fin.net.cpu()
         rows = torch.nonzero(pred != test.y).flatten()
         if len(rows) == 0:
             raise MsifError(
@@ -170,7 +174,12 @@ def select_targets(target: DictConfig, fin: Trained, test: Examples, device, bat
 
 
 def score_table(
-    scores: torch.Tensor, rows: torch.Tensor, pre_set: Examples, targets: torch.Tensor | None, test: Examples
+    scores: torch.Tensor,
+    rows: torch.Tensor,
+    pre_set: Examples,
+    targets: torch.Tensor | None,
+    test: Examples,
+    pred: torch.Tensor,
 ) -> pd.DataFrame:
     """The long table: one row per (pretraining example, target). See README, "Score table"."""
     m = len(pre_set)
@@ -192,6 +201,7 @@ def score_table(
             f.insert(1, "test_source_index", int(test.source_index[t]))
             f.insert(2, "test_label", int(test.y[t]))
             f.insert(3, "test_class_name", test.class_names[int(test.y[t])])
+            f.insert(4, "test_prediction", test.class_names[int(pred[t])])
         f["score"] = s
         f["predicted_removal_effect"] = -s / m
         f["rank"] = pd.Series(s).rank(ascending=False, method="first").astype(int).to_numpy()
@@ -218,56 +228,76 @@ def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
     atomic_write_bytes(buf.getvalue(), path)
 
 
-def _write_extras(cfg: DictConfig, path: Path, frame: pd.DataFrame, tasks: Tasks, summary: dict) -> None:
-    """scores.csv (on request) and the pictures; recreated when missing, so a reused run gains them too."""
-    if cfg.output.csv and not (path / "scores.csv").exists():
+def _write_extras(
+    cfg: DictConfig, path: Path, frame: pd.DataFrame, tasks: Tasks, summary: dict, fresh: bool = True
+) -> None:
+    """scores.csv (on request) and the pictures: written for a fresh computation, and for a reused run when
+    missing (so `output.csv=true` on a finished run adds the CSV)."""
+
+    def wanted(name: str) -> bool:
+        return fresh or not (path / name).exists()
+
+    if cfg.output.csv and wanted("scores.csv"):
         atomic_write_text(frame.to_csv(index=False), path / "scores.csv")
     if not cfg.output.plots:
         return
     from msif import plots
 
-    if not (path / "score_histogram.png").exists():
+    if wanted("score_histogram.png"):
         title = (
             f"{cfg.dataset.name}, case {cfg.case.name}: influence of {summary.get('scored', len(frame)):,} "
             "pretraining examples"
         )
         plots.score_histogram({f"case {cfg.case.name}": frame["score"].to_numpy()}, path / "score_histogram.png", title)
-    if len(tasks.input_shape) == 3 and not (path / "influence_grid.png").exists():
+    if len(tasks.input_shape) == 3 and wanted("influence_grid.png"):
         _grid(cfg, path, frame, tasks)
 
 
 def _grid(cfg: DictConfig, path: Path, frame: pd.DataFrame, tasks: Tasks) -> None:
+    """The paper's Figure 4: most harmful and most helpful pretraining images, per target test image if per-test."""
     from msif import plots
 
     norm = cfg.dataset.get("normalize")
     mean, std = (norm.mean, norm.std) if norm is not None else (None, None)
     pre, test = tasks.pretrain.train, tasks.finetune.test
-    k = int(cfg.output.top_k)
 
-    def cell(i: int, score: float):
-        return plots.to_image(pre.x[i], mean, std), f"#{i} {pre.class_names[int(pre.y[i])]}\nI={score:.3g}"
-
-    rows = []
-    groups = frame.groupby("test_index", sort=False) if "test_index" in frame else [(None, frame)]
-    for t, f in list(groups)[:8]:
-        f = f.sort_values("score", ascending=False)
-        target = None
-        if t is not None:
-            target = (
-                plots.to_image(test.x[int(t)], mean, std),
-                f"test #{int(t)}\n{test.class_names[int(test.y[int(t)])]}",
+    def cells(f: pd.DataFrame, kind: str) -> list:
+        return [
+            (
+                plots.to_image(pre.x[int(i)], mean, std),
+                f"#{int(i)} {pre.class_names[int(pre.y[int(i)])]}\nI={score:.3g}",
+                kind,
             )
-        rows.append(
-            {
-                "target": target,
-                "harmful": [cell(int(r.index), r.score) for r in f.head(k).itertuples()],
-                "helpful": [cell(int(r.index), r.score) for r in f.tail(k)[::-1].itertuples()],
-            }
-        )
-    title = f"{cfg.dataset.name}, case {cfg.case.name}: pretraining images by influence on " + (
-        "each target test image" if "test_index" in frame else f"the summed test loss ({cfg.target.kind})"
+            for i, score in zip(f["index"], f["score"], strict=True)
+        ]
+
+    if "test_index" not in frame:
+        k = int(cfg.output.top_k)
+        ordered = frame.sort_values("score", ascending=False)
+        rows = [
+            ("most harmful\n(largest I)", cells(ordered.head(k), "harmful")),
+            ("most helpful\n(smallest I)", cells(ordered.tail(k)[::-1], "helpful")),
+        ]
+        what = f"the summed test loss L_T ({cfg.target.kind})"
+    else:
+        k = min(int(cfg.output.top_k), 5)
+        rows = []
+        for t, f in list(frame.groupby("test_index", sort=False))[:8]:
+            ordered = f.sort_values("score", ascending=False)
+            caption = f"test #{int(t)}\ntrue {f['test_class_name'].iloc[0]}, pred. {f['test_prediction'].iloc[0]}"
+            target = (plots.to_image(test.x[int(t)], mean, std), caption, "target")
+            rows.append(
+                (
+                    f"test #{int(t)}",
+                    [target, *cells(ordered.head(k), "harmful"), *cells(ordered.tail(k)[::-1], "helpful")],
+                )
+            )
+        what = f"each target test image (blue), {k} most harmful (red), {k} most helpful (green)"
+    plots.influence_grid(
+        rows,
+        path / "influence_grid.png",
+        f"{cfg.dataset.name}, case {cfg.case.name}: pretraining images by influence on {what}",
     )
-    plots.influence_grid(rows, path / "influence_grid.png", title)
 
 
 def _report(cfg: DictConfig, frame: pd.DataFrame, summary: dict, path: Path) -> None:
