@@ -34,7 +34,9 @@ STAGES = {
     "influence": Stage(
         "score every pretraining example's influence on the finetune test loss", "msif.stages:influence"
     ),
-    "validate-loo": Stage("check predicted influence against leave-one-out retraining (Pearson r)", None, 4),
+    "validate-loo": Stage(
+        "check predicted influence against leave-one-out retraining (Pearson r)", "msif.stages:validate_loo"
+    ),
     "cleanse": Stage("remove the most harmful pretraining examples, retrain, compare accuracy", None, 5),
 }
 

@@ -83,3 +83,25 @@ def influence_grid(rows: list[tuple[str, list[tuple[np.ndarray, str, str]]]], pa
         axes[r][0].set_ylabel(label, fontsize=7)
     fig.suptitle(title, fontsize=9)
     _save(fig, path)
+
+
+def loo_scatter(panels: list[tuple[str, np.ndarray, dict]], actual: np.ndarray, path: Path, title: str) -> None:
+    """Predicted −I/m against the actual leave-one-out change of L_T, one panel per score set (Figures 2 and 3),
+    with the least-squares line and Pearson's r."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
+    for ax, (label, predicted, stats) in zip(axes[0], panels, strict=True):
+        ax.scatter(actual, predicted, s=14, alpha=0.75)
+        if np.ptp(actual) > 0:
+            xs = np.linspace(actual.min(), actual.max(), 50)
+            ax.plot(xs, stats["fit_slope"] * xs + stats["fit_intercept"], color="tab:red", lw=1, label="least squares")
+            ax.legend(fontsize=7, loc="upper left")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axvline(0, color="grey", lw=0.5)
+        ci = stats.get("pearson_r_ci95")
+        ci_text = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
+        ax.set_title(f"{label}: Pearson r = {stats['pearson_r']:+.3f}{ci_text}", fontsize=9)
+        ax.set_xlabel("actual ΔL_T = L_T(without z) − L_T(reference)  [nats, summed over T]", fontsize=8)
+        ax.set_ylabel("predicted ΔL_T = −I(z, T) / m  [nats]", fontsize=8)
+        ax.ticklabel_format(style="sci", scilimits=(-3, 3))
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)

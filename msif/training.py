@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -52,18 +53,34 @@ def fit(
     seed: int,
     description: str,
     penalty: Callable[[], torch.Tensor] | None = None,
+    *,
+    steps: int | None = None,
+    exclude: int | None = None,
+    record: list[torch.Tensor] | None = None,
+    show_progress: bool = True,
 ) -> dict:
-    """Minimise mean cross-entropy of `model(x)` (+ `penalty()`) over `params` for `t.steps` steps of `t.optimizer`.
+    """Minimise mean cross-entropy of `model(x)` (+ `penalty()`) over `params` for `t.steps` (or `steps`) steps.
 
-    Returns the mean training loss over the last 10% of steps, the wall time and the throughput.
+    `exclude` drops one example (a row of x) from every batch it would appear in, leaving the batch order of all
+    other examples unchanged: the leave-one-out retrain differs from its reference in that example alone. `record`
+    receives each step's batch indices. Returns the mean training loss over the last 10% of steps, the wall time
+    and the throughput.
     """
+    steps = t.steps if steps is None else steps
     opt = make_optimizer(params, t)
     losses: list[float] = []
     start = time.perf_counter()
     seen = 0
-    with progress() as bar:
-        task = bar.add_task(description, total=t.steps, info="")
-        for step, idx in enumerate(batch_schedule(len(y), t.batch_size, t.steps, seed)):
+    bar = progress() if show_progress else nullcontext(None)
+    with bar:
+        task = bar.add_task(description, total=steps, info="") if show_progress else None
+        for step, idx in enumerate(batch_schedule(len(y), t.batch_size, steps, seed)):
+            if exclude is not None:
+                idx = idx[idx != exclude]
+            if record is not None:
+                record.append(idx)
+            if len(idx) == 0:
+                continue
             loss = F.cross_entropy(model(x[idx]), y[idx])
             if penalty is not None:
                 loss = loss + penalty()
@@ -72,13 +89,13 @@ def fit(
             opt.step()
             losses.append(loss.item())
             seen += len(idx)
-            if step % 10 == 0 or step == t.steps - 1:
+            if show_progress and (step % 10 == 0 or step == steps - 1):
                 rate = seen / max(time.perf_counter() - start, 1e-9)
                 bar.update(task, completed=step + 1, info=f"loss {losses[-1]:.4f}  {rate:,.0f} ex/s")
     seconds = time.perf_counter() - start
-    tail = losses[-max(1, len(losses) // 10) :]
+    tail = losses[-max(1, len(losses) // 10) :] or [float("nan")]
     return {
-        "steps": t.steps,
+        "steps": steps,
         "final_train_loss": sum(tail) / len(tail),
         "seconds": seconds,
         "examples_per_second": seen / max(seconds, 1e-9),

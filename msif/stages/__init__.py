@@ -4,5 +4,6 @@ command (msif/cli.py) is a thin Hydra wrapper around them."""
 from msif.stages.finetune import finetune
 from msif.stages.influence import influence
 from msif.stages.pretrain import pretrain
+from msif.stages.validate_loo import validate_loo
 
-__all__ = ["finetune", "influence", "pretrain"]
+__all__ = ["finetune", "influence", "pretrain", "validate_loo"]

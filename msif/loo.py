@@ -1,0 +1,178 @@
+"""Leave-one-out ground truth (MATH.md, "Leave-one-out ground truth"; paper Section 4.1, Appendix B).
+
+For a pretraining example z: continue pretraining from (W*, U*) for K_p steps without z, then finetune again for
+K_f steps from the finetuned weights (case fixed: the new embedding stays frozen; case updated: it is finetuned), and
+measure ΔL_T = L_T(without z) − L_T(reference). The reference is, by default, the same retrain *with* z under the
+same seed, batch order and step counts (z is masked out of its batches, so no other example moves), so the two runs
+differ in z alone. ΔL_T is compared with the predicted −I(z, T)/m.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from msif.data import Tasks
+from msif.errors import MsifError
+from msif.training import embed, fit, squared_distance
+
+if TYPE_CHECKING:
+    from msif.stages.common import Trained
+
+
+@dataclass
+class Retrainer:
+    """Retrains both stages from the trained weights, optionally without one pretraining example."""
+
+    cfg: DictConfig
+    tasks: Tasks
+    pre: Trained
+    fin: Trained
+    device: torch.device
+    targets: torch.Tensor  # rows of the finetune test set making up T
+
+    def test_loss(self, exclude: int | None = None, record: list | None = None) -> float:
+        """L_T after continuing pretraining K_p steps (without `exclude`) and finetuning K_f steps."""
+        cfg, loo, dev = self.cfg, self.cfg.loo, self.device
+        pre_set, fin_set = self.tasks.pretrain.train, self.tasks.finetune.train
+        pre_net = copy.deepcopy(self.pre.net).to(dev)
+        fit(
+            pre_net,
+            list(pre_net.parameters()),
+            pre_set.x.to(dev),
+            pre_set.y.to(dev),
+            cfg.train.pretrain,
+            loo.seed,
+            "",
+            steps=int(loo.pretrain_steps),
+            exclude=exclude,
+            record=record,
+            show_progress=False,
+        )
+        net = copy.deepcopy(self.fin.net).to(dev)  # Θ (and W** in case updated) start from the finetuned weights
+        net.embedding.load_state_dict(pre_net.embedding.state_dict())  # ... on the retrained embedding W
+        x, y = fin_set.x.to(dev), fin_set.y.to(dev)
+        if not cfg.case.update_embedding:
+            for p in net.embedding.parameters():
+                p.requires_grad_(False)
+            features = embed(net.embedding, x, cfg.train.eval_batch_size)
+            fit(
+                net.head,
+                list(net.head.parameters()),
+                features,
+                y,
+                cfg.train.finetune,
+                loo.seed + 1,
+                "",
+                steps=int(loo.finetune_steps),
+                show_progress=False,
+            )
+        else:
+            anchor = [p.detach().clone() for p in net.embedding.parameters()]
+            penalty = None
+            if cfg.case.get("proximal", False):
+                alpha = float(cfg.case.alpha)
+
+                def penalty() -> torch.Tensor:
+                    return alpha * squared_distance(net.embedding.parameters(), anchor)
+
+            fit(
+                net,
+                list(net.parameters()),
+                x,
+                y,
+                cfg.train.finetune,
+                loo.seed + 1,
+                "",
+                penalty,
+                steps=int(loo.finetune_steps),
+                show_progress=False,
+            )
+        return self._target_loss(net)
+
+    def original_test_loss(self) -> float:
+        """L_T of the finetuned model as trained (the paper's plain reference)."""
+        return self._target_loss(copy.deepcopy(self.fin.net).to(self.device))
+
+    def _target_loss(self, net: torch.nn.Module) -> float:
+        test, bs, dev = self.tasks.finetune.test, self.cfg.train.eval_batch_size, self.device
+        xt, yt = test.x[self.targets], test.y[self.targets]
+        with torch.no_grad():
+            return float(
+                sum(
+                    F.cross_entropy(net(xt[i : i + bs].to(dev)), yt[i : i + bs].to(dev), reduction="sum")
+                    for i in range(0, len(yt), bs)
+                )
+            )
+
+
+def select_examples(scores: pd.DataFrame, loo: DictConfig, m: int) -> list[int]:
+    """The pretraining rows to retrain without: explicit `indices`, or k chosen by `selection` (seeded).
+
+    `mix` (default): the k/2 largest |scores|, then a uniform random draw from the rest; `top`; `random`.
+    """
+    if loo.indices is not None:
+        rows = list(loo.indices)
+        bad = [i for i in rows if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < m]
+        if bad or not rows:
+            raise MsifError(
+                f"loo.indices contains {bad[:5] if bad else 'nothing'}, which are not rows of the "
+                f"pretraining set (0..{m - 1}).",
+                "List rows as the `index` column of scores.parquet shows them.",
+            )
+        if len(set(rows)) != len(rows):
+            raise MsifError("loo.indices lists some rows more than once.", "List each row once.")
+        return rows
+    k = int(loo.k)
+    if not 1 <= k <= m:
+        raise MsifError(
+            f"loo.k={k} asks for more leave-one-out retrains than there are pretraining examples ({m}).",
+            f"Use loo.k between 1 and {m}.",
+        )
+    if loo.selection not in ("mix", "top", "random"):
+        raise MsifError(f"Unknown loo.selection '{loo.selection}'.", "Use mix, top or random (or loo.indices).")
+    by_size = scores.assign(a=scores["score"].abs()).sort_values(["a", "index"], ascending=[False, True])
+    ordered = by_size["index"].to_numpy()
+    rng = np.random.default_rng(int(loo.seed))
+    if loo.selection == "top":
+        return [int(i) for i in ordered[:k]]
+    n_top = k // 2 if loo.selection == "mix" else 0
+    rest = np.sort(ordered[n_top:])
+    drawn = rng.choice(rest, size=k - n_top, replace=False)
+    return [int(i) for i in ordered[:n_top]] + [int(i) for i in drawn]
+
+
+def correlation(predicted: np.ndarray, actual: np.ndarray, seed: int = 0, resamples: int = 2000) -> dict:
+    """Pearson r and Spearman ρ with percentile-bootstrap 95% intervals (pairs resampled, seeded)."""
+
+    def pearson(a, b):
+        a, b = a - a.mean(), b - b.mean()
+        den = math.sqrt(float((a * a).sum() * (b * b).sum()))
+        return float((a * b).sum() / den) if den > 0 else float("nan")
+
+    def spearman(a, b):
+        return pearson(pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy())
+
+    n = len(actual)
+    out = {"n": n, "pearson_r": pearson(predicted, actual), "spearman_rho": spearman(predicted, actual)}
+    if n >= 3:
+        rng = np.random.default_rng(seed)
+        boots = {"pearson_r": [], "spearman_rho": []}
+        for _ in range(resamples):
+            i = rng.integers(0, n, n)
+            boots["pearson_r"].append(pearson(predicted[i], actual[i]))
+            boots["spearman_rho"].append(spearman(predicted[i], actual[i]))
+        for key, values in boots.items():
+            v = np.array([x for x in values if math.isfinite(x)])
+            out[f"{key}_ci95"] = [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) else None
+    slope = np.polyfit(actual, predicted, 1) if n >= 2 and np.ptp(actual) > 0 else [float("nan")] * 2
+    out["fit_slope"], out["fit_intercept"] = float(slope[0]), float(slope[1])
+    return out

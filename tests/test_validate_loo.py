@@ -1,0 +1,143 @@
+"""`msif validate-loo`: leave-one-out retraining against predicted influence."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from msif.errors import MsifError
+from msif.loo import correlation
+from msif.stages import validate_loo
+from tests.conftest import compose_cfg, run_msif
+from tests.test_cli import ok, refused
+
+FAST = ["dataset=tiny", "loo.k=4", "loo.pretrain_steps=5", "loo.finetune_steps=5", "loo.bootstrap=50"]
+
+# Full-batch gradient descent with weight decay μ converges to the minimiser of CE + (μ/2)‖θ‖², whose Hessian is
+# H_CE + μI: with the damping equal to μ and an exact solve, influence is the exact first-order effect.
+CONVEX = [
+    "dataset=tiny", "dtype=float64", "solver=exact",
+    "dataset.influence.pretrain_damping=0.05", "dataset.influence.finetune_damping=0.05",
+    "train.pretrain.optimizer=sgd", "train.pretrain.lr=0.5", "train.pretrain.weight_decay=0.05",
+    "train.pretrain.batch_size=1000", "train.pretrain.steps=1500",
+    "train.finetune.optimizer=sgd", "train.finetune.lr=0.5", "train.finetune.weight_decay=0.05",
+    "train.finetune.batch_size=1000", "train.finetune.steps=1500",
+    "loo.pretrain_steps=1500", "loo.finetune_steps=1500", "loo.k=12", "loo.bootstrap=200",
+]
+
+
+def test_on_a_problem_solved_to_optimality_predicted_and_actual_effects_agree(env):
+    result = validate_loo(compose_cfg("validate-loo", CONVEX))
+    stats = result.summary["correlation"]["msif"]
+    assert stats["n"] == 12 and stats["pearson_r"] > 0.95, stats
+    frame = result.table
+    assert (frame["predicted_effect"] == -frame["score"] / 180).all()
+    assert (frame["actual_effect"].abs() > 0).all()
+
+
+def test_the_with_and_without_retrains_see_identical_batches_apart_from_z(env):
+    from msif.loo import Retrainer
+    from msif.stages.common import setup
+    from msif.stages.finetune import ensure_finetuned
+
+    cfg = compose_cfg("validate-loo", FAST)
+    s = setup(cfg)
+    pre, fin = ensure_finetuned(cfg, s.tasks)
+    retrainer = Retrainer(cfg, s.tasks, pre, fin, s.device, torch.arange(len(s.tasks.finetune.test)))
+    with_z, without_z = [], []
+    retrainer.test_loss(None, record=with_z)
+    z = int(with_z[0][0])
+    retrainer.test_loss(z, record=without_z)
+    assert len(with_z) == len(without_z) == 5
+    assert any(z in b.tolist() for b in with_z)
+    for a, b in zip(with_z, without_z, strict=True):
+        assert a[a != z].tolist() == b.tolist()
+
+
+def test_an_interrupted_run_resumes_and_ends_with_the_same_table(env, tmp_path):
+    full = validate_loo(compose_cfg("validate-loo", FAST)).table
+    csv = next((tmp_path / "outputs").rglob("loo.csv"))
+    lines = csv.read_text().splitlines(keepends=True)
+    csv.write_text("".join(lines[:3]))  # header + two finished retrains, as if killed after the second
+    (csv.parent / "loo_summary.json").unlink()
+    proc = ok(run_msif(["validate-loo", *FAST], env))
+    assert "2 already done" in proc.stdout and "2 to go" in proc.stdout
+    resumed = pd.read_csv(csv)
+    drop = ["seconds"]  # wall time differs between runs; every number computed is identical
+    pd.testing.assert_frame_equal(resumed.drop(columns=drop), full.drop(columns=drop), check_exact=True)
+
+
+def test_results_do_not_depend_on_the_number_of_workers(env, tmp_path):
+    one = validate_loo(compose_cfg("validate-loo", [*FAST, "loo.threads=1"])).table
+    env2 = dict(env, MSIF_OUTPUTS=str(tmp_path / "two"))
+    ok(run_msif(["validate-loo", *FAST, "loo.threads=1", "loo.workers=2"], env2))
+    two = pd.read_csv(next((tmp_path / "two").rglob("loo.csv")))
+    pd.testing.assert_frame_equal(two.drop(columns="seconds"), one.drop(columns="seconds"), check_exact=True)
+
+
+def test_outputs_and_the_identity_ablation(env, tmp_path):
+    proc = ok(run_msif(["validate-loo", *FAST, "loo.compare=identity"], env))
+    assert "Pearson r" in proc.stdout and "identity" in proc.stdout
+    folder = next((tmp_path / "outputs").rglob("loo.csv")).parent
+    frame = pd.read_csv(folder / "loo.csv")
+    assert list(frame.columns) == ["index", "source_index", "label", "class_name", "score", "predicted_effect",
+                                   "actual_effect", "seconds", "identity_score", "identity_predicted_effect"]
+    summary = json.loads((folder / "loo_summary.json").read_text())
+    assert set(summary["correlation"]) == {"msif", "identity"}
+    assert len(summary["correlation"]["msif"]["pearson_r_ci95"]) == 2
+    assert (folder / "loo.png").stat().st_size > 5000 and (folder / "reference.json").exists()
+    again = ok(run_msif(["validate-loo", *FAST, "loo.compare=identity"], env))
+    assert "4 already done" in again.stdout and "0 to go" in again.stdout
+
+
+def test_selection_mixes_the_largest_scores_with_a_seeded_random_draw():
+    from omegaconf import OmegaConf
+
+    from msif.loo import select_examples
+
+    scores = pd.DataFrame({"index": range(100), "score": [(-1) ** i * i for i in range(100)]})
+    loo = OmegaConf.create({"k": 10, "selection": "mix", "indices": None, "seed": 3})
+    picked = select_examples(scores, loo, 100)
+    assert picked[:5] == [99, 98, 97, 96, 95] and len(set(picked)) == 10
+    assert picked == select_examples(scores, loo, 100)
+    assert select_examples(scores, OmegaConf.merge(loo, {"seed": 4}), 100)[5:] != picked[5:]
+
+
+def test_correlation_matches_numpy_and_has_an_interval():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=40)
+    b = a + rng.normal(size=40)
+    out = correlation(a, b, seed=0, resamples=300)
+    assert abs(out["pearson_r"] - np.corrcoef(a, b)[0, 1]) < 1e-12
+    low, high = out["pearson_r_ci95"]
+    assert low < out["pearson_r"] < high
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["loo.k=100000"], ["loo.k=100000", "more leave-one-out retrains than there are pretraining examples"]),
+        (["loo.indices=[1,2,99999]"], ["99999", "not rows of the pretraining set"]),
+        (["loo.compare=nope"], ["loo.compare=nope is not a solver"]),
+        (["target.per_test=true"], ["one summed target"]),
+    ],
+)
+def test_bad_loo_input_is_refused_clearly(args, needles, env):
+    refused(run_msif(["validate-loo", *FAST, *args], env), *needles)
+
+
+def test_a_corrupt_partial_csv_is_refused_and_kept(env, tmp_path):
+    validate_loo(compose_cfg("validate-loo", FAST))
+    csv = next((tmp_path / "outputs").rglob("loo.csv"))
+    broken = csv.read_text()[:-7]  # cut inside the last row
+    csv.write_text(broken)
+    with pytest.raises(MsifError, match="middle of a line"):
+        validate_loo(compose_cfg("validate-loo", FAST))
+    csv.write_text(broken + "\nnot,a,row\n")
+    refused(run_msif(["validate-loo", *FAST], env), "loo.csv", "kept as it is")
+    assert csv.read_text() == broken + "\nnot,a,row\n"
