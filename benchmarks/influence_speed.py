@@ -22,15 +22,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 import msif  # noqa: F401
 from msif.cli import CONF_DIR
 from msif.console import console, table
-from msif.influence import MultiStageInfluence
 from msif.io import atomic_write_json
 from msif.stages.common import setup
 from msif.stages.finetune import ensure_finetuned
+from msif.stages.influence import build_influence
 
 
 def main(overrides: list[str]) -> None:
@@ -42,20 +41,7 @@ def main(overrides: list[str]) -> None:
     torch.set_grad_enabled(True)
 
     t0 = time.perf_counter()
-    msi = MultiStageInfluence(
-        pre.net,
-        fin.net,
-        pre_set,
-        env.tasks.finetune.train,
-        case=cfg.case.name,
-        alpha=float(cfg.case.get("alpha") or 0.0),
-        solver=OmegaConf.to_container(cfg.solver, resolve=True),
-        hessian_sample=cfg.hessian.pretrain_sample,
-        finetune_hessian_sample=cfg.hessian.finetune_sample,
-        sample_seed=cfg.hessian.seed,
-        batch_size=cfg.hessian.batch_size,
-        device=env.device,
-    )
+    msi = build_influence(cfg, pre, fin, env.tasks, env.device)
     S = msi.target_vectors(test.x, test.y)
     t_solve = time.perf_counter() - t0
     t1 = time.perf_counter()

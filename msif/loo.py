@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from msif.data import Tasks
 from msif.errors import MsifError
-from msif.training import embed, fit, squared_distance
+from msif.training import fit, train_finetune_net
 
 if TYPE_CHECKING:
     from msif.stages.common import Trained
@@ -59,43 +59,15 @@ class Retrainer:
         )
         net = copy.deepcopy(self.fin.net).to(dev)  # Θ (and W** in case updated) start from the finetuned weights
         net.embedding.load_state_dict(pre_net.embedding.state_dict())  # ... on the retrained embedding W
-        x, y = fin_set.x.to(dev), fin_set.y.to(dev)
-        if not cfg.case.update_embedding:
-            for p in net.embedding.parameters():
-                p.requires_grad_(False)
-            features = embed(net.embedding, x, cfg.train.eval_batch_size)
-            fit(
-                net.head,
-                list(net.head.parameters()),
-                features,
-                y,
-                cfg.train.finetune,
-                loo.seed + 1,
-                "",
-                steps=int(loo.finetune_steps),
-                show_progress=False,
-            )
-        else:
-            anchor = [p.detach().clone() for p in net.embedding.parameters()]
-            penalty = None
-            if cfg.case.get("proximal", False):
-                alpha = float(cfg.case.alpha)
-
-                def penalty() -> torch.Tensor:
-                    return alpha * squared_distance(net.embedding.parameters(), anchor)
-
-            fit(
-                net,
-                list(net.parameters()),
-                x,
-                y,
-                cfg.train.finetune,
-                loo.seed + 1,
-                "",
-                penalty,
-                steps=int(loo.finetune_steps),
-                show_progress=False,
-            )
+        train_finetune_net(
+            net,
+            cfg,
+            fin_set.x.to(dev),
+            fin_set.y.to(dev),
+            loo.seed + 1,
+            steps=int(loo.finetune_steps),
+            show_progress=False,
+        )
         return self._target_loss(net)
 
     def original_test_loss(self) -> float:

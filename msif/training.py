@@ -102,6 +102,46 @@ def fit(
     }
 
 
+def train_finetune_net(
+    net: nn.Module,
+    cfg: DictConfig,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    seed: int,
+    steps: int | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Finetune `net` in place as the case says: Θ alone on features computed once (fixed), or W and Θ together,
+    with the proximal term α‖W − W̄‖² around the starting embedding W̄ when `case.proximal` (updated)."""
+    t = cfg.train.finetune
+    if not cfg.case.update_embedding:
+        for p in net.embedding.parameters():
+            p.requires_grad_(False)
+        features = embed(net.embedding, x, cfg.train.eval_batch_size)  # W is frozen: embed once, train Θ only
+        return fit(
+            net.head,
+            list(net.head.parameters()),
+            features,
+            y,
+            t,
+            seed,
+            "finetune Θ",
+            steps=steps,
+            show_progress=show_progress,
+        )
+    penalty = None
+    if cfg.case.get("proximal", False):
+        alpha = float(cfg.case.alpha)
+        anchor = [p.detach().clone() for p in net.embedding.parameters()]
+
+        def penalty() -> torch.Tensor:
+            return alpha * squared_distance(net.embedding.parameters(), anchor)
+
+    return fit(
+        net, list(net.parameters()), x, y, t, seed, "finetune W, Θ", penalty, steps=steps, show_progress=show_progress
+    )
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Examples | tuple[torch.Tensor, torch.Tensor], batch_size: int) -> dict:
     """Mean cross-entropy and accuracy of `model` on `data`."""

@@ -19,13 +19,25 @@ FAST = ["dataset=tiny", "loo.k=4", "loo.pretrain_steps=5", "loo.finetune_steps=5
 # Full-batch gradient descent with weight decay μ converges to the minimiser of CE + (μ/2)‖θ‖², whose Hessian is
 # H_CE + μI: with the damping equal to μ and an exact solve, influence is the exact first-order effect.
 CONVEX = [
-    "dataset=tiny", "dtype=float64", "solver=exact",
-    "dataset.influence.pretrain_damping=0.05", "dataset.influence.finetune_damping=0.05",
-    "train.pretrain.optimizer=sgd", "train.pretrain.lr=0.5", "train.pretrain.weight_decay=0.05",
-    "train.pretrain.batch_size=1000", "train.pretrain.steps=1500",
-    "train.finetune.optimizer=sgd", "train.finetune.lr=0.5", "train.finetune.weight_decay=0.05",
-    "train.finetune.batch_size=1000", "train.finetune.steps=1500",
-    "loo.pretrain_steps=1500", "loo.finetune_steps=1500", "loo.k=12", "loo.bootstrap=200",
+    "dataset=tiny",
+    "dtype=float64",
+    "solver=exact",
+    "dataset.influence.pretrain_damping=0.05",
+    "dataset.influence.finetune_damping=0.05",
+    "train.pretrain.optimizer=sgd",
+    "train.pretrain.lr=0.5",
+    "train.pretrain.weight_decay=0.05",
+    "train.pretrain.batch_size=1000",
+    "train.pretrain.steps=1500",
+    "train.finetune.optimizer=sgd",
+    "train.finetune.lr=0.5",
+    "train.finetune.weight_decay=0.05",
+    "train.finetune.batch_size=1000",
+    "train.finetune.steps=1500",
+    "loo.pretrain_steps=1500",
+    "loo.finetune_steps=1500",
+    "loo.k=12",
+    "loo.bootstrap=200",
 ]
 
 
@@ -85,8 +97,18 @@ def test_outputs_and_the_identity_ablation(env, tmp_path):
     assert "Pearson r" in proc.stdout and "identity" in proc.stdout
     folder = next((tmp_path / "outputs").rglob("loo.csv")).parent
     frame = pd.read_csv(folder / "loo.csv")
-    assert list(frame.columns) == ["index", "source_index", "label", "class_name", "score", "predicted_effect",
-                                   "actual_effect", "seconds", "identity_score", "identity_predicted_effect"]
+    assert list(frame.columns) == [
+        "index",
+        "source_index",
+        "label",
+        "class_name",
+        "score",
+        "predicted_effect",
+        "actual_effect",
+        "seconds",
+        "identity_score",
+        "identity_predicted_effect",
+    ]
     summary = json.loads((folder / "loo_summary.json").read_text())
     assert set(summary["correlation"]) == {"msif", "identity"}
     assert len(summary["correlation"]["msif"]["pearson_r_ci95"]) == 2

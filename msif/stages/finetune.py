@@ -29,7 +29,7 @@ from msif.stages.common import (
     state_of,
 )
 from msif.stages.pretrain import ensure_pretrained, summarize
-from msif.training import embed, evaluate, fit, squared_distance
+from msif.training import evaluate, squared_distance, train_finetune_net
 
 
 def finetune(cfg: DictConfig, tasks: Tasks | None = None) -> Trained:
@@ -51,21 +51,8 @@ def finetune(cfg: DictConfig, tasks: Tasks | None = None) -> Trained:
         f"examples, {t.steps} steps on {env.device}, from {pre.run.path}"
     )
     start = time.perf_counter()
-    if not cfg.case.update_embedding:
-        for p in net.embedding.parameters():
-            p.requires_grad_(False)
-        features = embed(net.embedding, x, cfg.train.eval_batch_size)  # W is frozen: embed once, train Θ only
-        fit_stats = fit(net.head, list(net.head.parameters()), features, y, t, cfg.seed, "finetune Θ")
-    else:
-        anchor = [p.detach().clone() for p in net.embedding.parameters()]
-        penalty = None
-        if cfg.case.get("proximal", False):
-            alpha = float(cfg.case.alpha)
-
-            def penalty() -> torch.Tensor:
-                return alpha * squared_distance(net.embedding.parameters(), anchor)
-
-        fit_stats = fit(net, list(net.parameters()), x, y, t, cfg.seed, "finetune W, Θ", penalty)
+    anchor = [p.detach().clone() for p in net.embedding.parameters()]
+    fit_stats = train_finetune_net(net, cfg, x, y, cfg.seed)
     bs = cfg.train.eval_batch_size
     metrics = {
         "stage": "finetune",

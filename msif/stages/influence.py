@@ -58,20 +58,7 @@ def influence(cfg: DictConfig, tasks: Tasks | None = None) -> InfluenceResult:
         f"({len(score_rows):,} scored), target T = {len(targets):,} test points ({cfg.target.kind}"
         f"{', per test point' if cfg.target.per_test else ', summed'}), solver {cfg.solver.pretrain.method}"
     )
-    msi = MultiStageInfluence(
-        pre.net,
-        fin.net,
-        pre_set,
-        env.tasks.finetune.train,
-        case=cfg.case.name,
-        alpha=float(cfg.case.get("alpha") or 0.0),
-        solver=OmegaConf.to_container(cfg.solver, resolve=True),
-        hessian_sample=cfg.hessian.pretrain_sample,
-        finetune_hessian_sample=cfg.hessian.finetune_sample,
-        sample_seed=cfg.hessian.seed,
-        batch_size=cfg.hessian.batch_size,
-        device=env.device,
-    )
+    msi = build_influence(cfg, pre, fin, env.tasks, env.device)
     x_T, y_T = test.x[targets], test.y[targets]
     chunk = int(cfg.target.chunk) if cfg.target.per_test else len(targets)
     blocks = []
@@ -114,6 +101,24 @@ def influence(cfg: DictConfig, tasks: Tasks | None = None) -> InfluenceResult:
     atomic_write_json(summary, run.path / "summary.json")  # last: marks the run finished
     _report(cfg, frame, summary, run.path)
     return InfluenceResult(run.path, frame, summary)
+
+
+def build_influence(cfg: DictConfig, pre: Trained, fin: Trained, tasks: Tasks, device) -> MultiStageInfluence:
+    """The influence computation these settings describe, over the trained networks and the tasks' data."""
+    return MultiStageInfluence(
+        pre.net,
+        fin.net,
+        tasks.pretrain.train,
+        tasks.finetune.train,
+        case=cfg.case.name,
+        alpha=float(cfg.case.get("alpha") or 0.0),
+        solver=OmegaConf.to_container(cfg.solver, resolve=True),
+        hessian_sample=cfg.hessian.pretrain_sample,
+        finetune_hessian_sample=cfg.hessian.finetune_sample,
+        sample_seed=cfg.hessian.seed,
+        batch_size=cfg.hessian.batch_size,
+        device=device,
+    )
 
 
 def _check_settings(cfg: DictConfig) -> None:
