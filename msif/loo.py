@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from msif.data import Tasks
 from msif.errors import MsifError
@@ -39,9 +39,19 @@ class Retrainer:
     device: torch.device
     targets: torch.Tensor  # rows of the finetune test set making up T
 
+    def __post_init__(self):
+        # The retrains' training recipe: the original one, with loo.optimizer / loo.lr when they are set.
+        self.recipe = copy.deepcopy(self.cfg)
+        OmegaConf.set_struct(self.recipe, False)
+        for stage in ("pretrain", "finetune"):
+            if self.cfg.loo.get("optimizer"):
+                self.recipe.train[stage].optimizer = self.cfg.loo.optimizer
+            if self.cfg.loo.get("lr") is not None:
+                self.recipe.train[stage].lr = float(self.cfg.loo.lr)
+
     def test_loss(self, exclude: int | None = None, record: list | None = None) -> float:
         """L_T after continuing pretraining K_p steps (without `exclude`) and finetuning K_f steps."""
-        cfg, loo, dev = self.cfg, self.cfg.loo, self.device
+        cfg, loo, dev = self.recipe, self.cfg.loo, self.device
         pre_set, fin_set = self.tasks.pretrain.train, self.tasks.finetune.train
         pre_net = copy.deepcopy(self.pre.net).to(dev)
         fit(

@@ -104,4 +104,5 @@ def loo_scatter(panels: list[tuple[str, np.ndarray, dict]], actual: np.ndarray, 
         ax.set_ylabel("predicted ΔL_T = −I(z, T) / m  [nats]", fontsize=8)
         ax.ticklabel_format(style="sci", scilimits=(-3, 3))
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     _save(fig, path)

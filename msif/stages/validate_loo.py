@@ -115,6 +115,10 @@ def validate_loo(cfg: DictConfig, tasks: Tasks | None = None) -> LooResult:
     frame = frame.sort_values("order").drop(columns="order").reset_index(drop=True)
     atomic_write_text(frame.to_csv(index=False), csv)  # final: in selection order, whatever the completion order
     summary = _summarize(cfg, frame, compare_name, reference, main, compared, m)
+    summary["retrain_optimizer"] = {
+        stage: {"optimizer": retrainer.recipe.train[stage].optimizer, "lr": float(retrainer.recipe.train[stage].lr)}
+        for stage in ("pretrain", "finetune")
+    }
     _plot(cfg, frame, summary, compare_name, path / "loo.png")
     atomic_write_json(summary, path / "loo_summary.json")
     _report(summary, path)
