@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.msif-installed
 
-.PHONY: help install demo test test-slow test-full bench lint clean-outputs
+.PHONY: help install demo test test-slow test-full data bench lint clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -32,7 +32,15 @@ test-slow: install  ## the slow tests only (real data sets, full-size networks)
 test-full: install  ## every test
 	$(BIN)/python -m pytest -q
 
-bench: install  ## influence speed on MNIST (needs MSIF_DATA): msif vs a per-example gradient loop vs a forward pass
+SHARED_DATA ?= ../shared/data
+
+data:  ## put the project's MNIST and CIFAR-10 copies (../shared/data) into ./data, the default data folder
+	@test -d $(SHARED_DATA) || { echo "no $(SHARED_DATA): set SHARED_DATA=<folder with MNIST/ and cifar10-jpeg.tar.gz>"; exit 2; }
+	mkdir -p data
+	test -e data/MNIST || ln -s $(abspath $(SHARED_DATA))/MNIST data/MNIST
+	test -d data/cifar10 || tar -xzf $(SHARED_DATA)/cifar10-jpeg.tar.gz -C data
+
+bench: install  ## influence speed on MNIST (data in ./data or MSIF_DATA): msif vs a per-example gradient loop
 	$(BIN)/python benchmarks/influence_speed.py
 
 lint: install  ## ruff

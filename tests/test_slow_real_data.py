@@ -1,0 +1,106 @@
+"""Slow tests (`make test-slow`): the Table A networks on the real MNIST and CIFAR-10 copies beside the checkout."""
+
+from __future__ import annotations
+
+import subprocess
+import tarfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from msif.influence import MultiStageInfluence, default_solver
+from msif.stages.common import setup
+from msif.stages.finetune import ensure_finetuned
+from tests.conftest import SHARED_DATA, compose_cfg
+
+pytestmark = pytest.mark.slow
+
+SHORT = [
+    "train.pretrain.steps=40",
+    "train.finetune.steps=40",
+    "dataset.finetune.n_train=500",
+    "dataset.finetune.n_test=200",
+]
+
+
+@pytest.fixture
+def real_data(tmp_path, monkeypatch, env):
+    if not (SHARED_DATA / "MNIST" / "raw").is_dir():
+        pytest.skip("no shared data beside the checkout")
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "MNIST").symlink_to(SHARED_DATA / "MNIST")
+    with tarfile.open(SHARED_DATA / "cifar10-jpeg.tar.gz") as tar:
+        tar.extractall(root, filter="data")
+    monkeypatch.setenv("MSIF_DATA", str(root))
+    return root
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar"])
+@pytest.mark.parametrize("case", ["fixed", "updated"])
+def test_influence_on_the_paper_networks_matches_a_per_example_gradient_loop(dataset, case, real_data):
+    cfg = compose_cfg("influence", [f"dataset={dataset}", f"case={case}", *SHORT])
+    env = setup(cfg)
+    pre, fin = ensure_finetuned(cfg, env.tasks)
+    pre_set, test = env.tasks.pretrain.train, env.tasks.finetune.test
+    msi = MultiStageInfluence(
+        pre.net,
+        fin.net,
+        pre_set,
+        env.tasks.finetune.train,
+        case=case,
+        alpha=0.01,
+        solver=default_solver("cg_normal", 1e-2, 1e-4, iterations=10, max_residual=10.0),
+        hessian_sample=100,
+        finetune_hessian_sample=200,
+        batch_size=50,
+    )
+    S = msi.target_vectors(test.x, test.y)
+    rows = torch.arange(0, len(pre_set), len(pre_set) // 40)[:40]
+    ours = msi.score(S, rows)[:, 0]
+    net = msi.pretrain_net
+    params = list(net.parameters())
+    parts = list(msi.pre_space.unflatten(S[0]).values())
+    naive = torch.stack(
+        [
+            -sum(
+                (g * s).sum()
+                for g, s in zip(
+                    torch.autograd.grad(F.cross_entropy(net(pre_set.x[i : i + 1]), pre_set.y[i : i + 1]), params),
+                    parts,
+                    strict=True,
+                )
+            )
+            for i in rows
+        ]
+    )
+    assert torch.isfinite(ours).all() and ours.abs().max() > 0
+    assert (ours - naive).abs().max() <= 1e-4 * naive.abs().max()
+
+
+def test_the_cli_runs_influence_on_mnist_from_the_shared_copy(real_data, env, tmp_path):
+    import sys
+
+    env = dict(env, MSIF_DATA=str(real_data))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "msif",
+            "influence",
+            "dataset=mnist",
+            *SHORT,
+            "hessian.pretrain_sample=100",
+            "budget.cpu.cg_iterations=5",
+            "solver.pretrain.max_residual=10",
+            "solver.finetune.max_residual=10",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "m=24,754 pretraining examples" in proc.stdout
+    assert list((tmp_path / "outputs").rglob("influence_grid.png"))
