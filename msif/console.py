@@ -27,6 +27,7 @@ def progress(transient: bool = False) -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=transient,
+        disable=transient and not console.is_terminal,  # a log or pipe gets no empty lines from vanished bars
     )
 
 
