@@ -1,7 +1,8 @@
 """Leave-one-out ground truth (MATH.md, "Leave-one-out ground truth"; paper Section 4.1, Appendix B).
 
-For a pretraining example z: continue pretraining from (W*, U*) for K_p steps without z, then finetune again for
-K_f steps from the finetuned weights (case fixed: the new embedding stays frozen; case updated: it is finetuned), and
+For a pretraining example z: continue pretraining from (W*, U*) for K_p steps without z (giving W'), then finetune
+again for K_f steps from the finetuned weights moved by the pretraining change, (W** + W' − W*, Θ*) (case fixed:
+W' stays frozen; case updated: it is finetuned), and
 measure ΔL_T = L_T(without z) − L_T(reference). The reference is, by default, the same retrain *with* z under the
 same seed, batch order and step counts (z is masked out of its batches, so no other example moves), so the two runs
 differ in z alone. ΔL_T is compared with the predicted −I(z, T)/m.
@@ -67,8 +68,21 @@ class Retrainer:
             record=record,
             show_progress=False,
         )
-        net = copy.deepcopy(self.fin.net).to(dev)  # Θ (and W** in case updated) start from the finetuned weights
-        net.embedding.load_state_dict(pre_net.embedding.state_dict())  # ... on the retrained embedding W
+        # Θ starts from the finetuned Θ*; the embedding from the finetuned W** moved by the retrain's change of the
+        # pretrained embedding, W** + (W' − W*) ("shifted"), or from W' itself ("pretrained"). In case fixed
+        # W** = W*, so both start from W'.
+        net = copy.deepcopy(self.fin.net).to(dev)
+        with torch.no_grad():
+            for p, new, old in zip(
+                net.embedding.parameters(),
+                pre_net.embedding.parameters(),
+                self.pre.net.embedding.parameters(),
+                strict=True,
+            ):
+                if cfg.case.update_embedding and loo.get("finetune_start", "shifted") == "shifted":
+                    p += new - old.to(dev)
+                else:
+                    p.copy_(new)
         train_finetune_net(
             net,
             cfg,

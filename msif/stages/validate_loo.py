@@ -29,6 +29,9 @@ from msif.stages.common import read_json, setup
 from msif.stages.finetune import ensure_finetuned
 from msif.stages.influence import influence, predict, select_targets
 
+# loo settings that cannot change the results (finetune_start only matters when the embedding is finetuned)
+NOT_IN_SIGNATURE = {"fixed": ("workers", "finetune_start"), "updated": ("workers",)}
+DRIFT_WARNING = 0.05  # |L_T(reference retrain) / L_T(trained model) - 1| above which validate-loo warns
 BASE_COLUMNS = ["index", "source_index", "label", "class_name", "score", "predicted_effect", "actual_effect", "seconds"]
 
 
@@ -56,7 +59,7 @@ def validate_loo(cfg: DictConfig, tasks: Tasks | None = None) -> LooResult:
 
     settings = {
         "influence": main.path.name,
-        "loo": {k: v for k, v in cfg.loo.items() if k not in ("workers",)},
+        "loo": {k: v for k, v in cfg.loo.items() if k not in NOT_IN_SIGNATURE[cfg.case.name]},
         "compare": compared.path.name if compared else None,
     }
     path = main.path / f"loo-{signature(settings)}"
@@ -76,6 +79,14 @@ def validate_loo(cfg: DictConfig, tasks: Tasks | None = None) -> LooResult:
     targets = select_targets(cfg.target, env.tasks.finetune.test, pred)
     retrainer = Retrainer(cfg, env.tasks, pre, fin, env.device, targets)
     reference = _reference(cfg, retrainer, path)
+    original = retrainer.original_test_loss()
+    drift = (reference - original) / abs(original)
+    if abs(drift) > DRIFT_WARNING:
+        say(
+            f"[yellow]warning:[/] the reference retrain moved L_T from {original:.6g} (the trained model) to "
+            f"{reference:.6g} ({100 * drift:+.1f}%): the retrains travel far from the trained weights, where "
+            "chaotic training dynamics swamp single-example effects. A smaller loo.lr keeps them near it."
+        )
     scores = main.scores.set_index("index")["score"]
     other = compared.scores.set_index("index")["score"] if compared else None
     pre_set = env.tasks.pretrain.train
@@ -115,6 +126,8 @@ def validate_loo(cfg: DictConfig, tasks: Tasks | None = None) -> LooResult:
     frame = frame.sort_values("order").drop(columns="order").reset_index(drop=True)
     atomic_write_text(frame.to_csv(index=False), csv)  # final: in selection order, whatever the completion order
     summary = _summarize(cfg, frame, compare_name, reference, main, compared, m)
+    summary["original_test_loss"] = original
+    summary["reference_drift"] = drift
     summary["retrain_optimizer"] = {
         stage: {"optimizer": retrainer.recipe.train[stage].optimizer, "lr": float(retrainer.recipe.train[stage].lr)}
         for stage in ("pretrain", "finetune")
@@ -301,6 +314,10 @@ def _report(summary: dict, path: Path) -> None:
                 f"[{ci_rho[0]:+.2f}, {ci_rho[1]:+.2f}]" if ci_rho else "-",
             ]
         )
+    say(
+        f"reference retrain: L_T = {summary['reference_test_loss']:.6g} vs {summary['original_test_loss']:.6g} for "
+        f"the trained model ({100 * summary['reference_drift']:+.2f}%)"
+    )
     console.print(
         table(
             f"predicted −I/m vs actual ΔL_T ({summary['dataset']}, case {summary['case']}, "
