@@ -165,3 +165,21 @@ def test_a_corrupt_partial_csv_is_refused_and_kept(env, tmp_path):
     csv.write_text(broken + "\nnot,a,row\n")
     refused(run_msif(["validate-loo", *FAST], env), "loo.csv", "kept as it is")
     assert csv.read_text() == broken + "\nnot,a,row\n"
+
+
+def test_retrains_start_from_the_trained_model_moved_by_the_pretraining_change(env):
+    """With no retraining steps the retrain is the finetuned model itself (shifted start), in both cases."""
+    from msif.loo import Retrainer
+    from msif.stages.common import setup
+    from msif.stages.finetune import ensure_finetuned
+
+    for case in ("fixed", "updated"):
+        cfg = compose_cfg("validate-loo", [*FAST, f"case={case}", "loo.pretrain_steps=0", "loo.finetune_steps=0"])
+        s = setup(cfg)
+        pre, fin = ensure_finetuned(cfg, s.tasks)
+        retrainer = Retrainer(cfg, s.tasks, pre, fin, s.device, torch.arange(len(s.tasks.finetune.test)))
+        assert retrainer.test_loss(None) == retrainer.original_test_loss()
+    cfg = compose_cfg("validate-loo", [*FAST, "case=updated", "loo.pretrain_steps=0", "loo.finetune_steps=0",
+                                       "loo.finetune_start=pretrained"])
+    retrainer = Retrainer(cfg, s.tasks, pre, fin, s.device, torch.arange(len(s.tasks.finetune.test)))
+    assert retrainer.test_loss(None) != retrainer.original_test_loss()  # W* instead of the finetuned W**
