@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tarfile
 
@@ -24,16 +25,25 @@ SHORT = [
 ]
 
 
-@pytest.fixture
-def real_data(tmp_path, monkeypatch, env):
+@pytest.fixture(scope="session")
+def shared_copy(tmp_path_factory):
+    """The shared MNIST and CIFAR-10 copies in one temporary data root (and one decode cache) for the session."""
     if not (SHARED_DATA / "MNIST" / "raw").is_dir():
         pytest.skip("no shared data beside the checkout")
-    root = tmp_path / "data"
+    base = tmp_path_factory.mktemp("real")
+    root = base / "data"
     root.mkdir()
     (root / "MNIST").symlink_to(SHARED_DATA / "MNIST")
     with tarfile.open(SHARED_DATA / "cifar10-jpeg.tar.gz") as tar:
         tar.extractall(root, filter="data")
+    return root, base / "cache"
+
+
+@pytest.fixture
+def real_data(shared_copy, monkeypatch, env):
+    root, cache = shared_copy
     monkeypatch.setenv("MSIF_DATA", str(root))
+    monkeypatch.setenv("MSIF_CACHE", str(cache))
     return root
 
 
@@ -82,7 +92,7 @@ def test_influence_on_the_paper_networks_matches_a_per_example_gradient_loop(dat
 def test_the_cli_runs_influence_on_mnist_from_the_shared_copy(real_data, env, tmp_path):
     import sys
 
-    env = dict(env, MSIF_DATA=str(real_data))
+    env = dict(env, MSIF_DATA=str(real_data), MSIF_CACHE=os.environ["MSIF_CACHE"])
     proc = subprocess.run(
         [
             sys.executable,

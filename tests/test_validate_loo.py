@@ -179,7 +179,9 @@ def test_retrains_start_from_the_trained_model_moved_by_the_pretraining_change(e
         pre, fin = ensure_finetuned(cfg, s.tasks)
         retrainer = Retrainer(cfg, s.tasks, pre, fin, s.device, torch.arange(len(s.tasks.finetune.test)))
         assert retrainer.test_loss(None) == retrainer.original_test_loss()
-    cfg = compose_cfg("validate-loo", [*FAST, "case=updated", "loo.pretrain_steps=0", "loo.finetune_steps=0",
-                                       "loo.finetune_start=pretrained"])
+    cfg = compose_cfg(
+        "validate-loo",
+        [*FAST, "case=updated", "loo.pretrain_steps=0", "loo.finetune_steps=0", "loo.finetune_start=pretrained"],
+    )
     retrainer = Retrainer(cfg, s.tasks, pre, fin, s.device, torch.arange(len(s.tasks.finetune.test)))
     assert retrainer.test_loss(None) != retrainer.original_test_loss()  # W* instead of the finetuned W**

@@ -102,7 +102,8 @@ def _check(report: SolveReport, settings) -> None:
     tol = float(settings.get("tol", 1e-6))
     max_residual = float(settings.get("max_residual", 1.0))
     r = report.residual
-    where = f"{report.label} Hessian IHVP ({report.method}, damping {report.damping:g}, {report.iterations} iterations)"
+    steps = "dense solve" if report.method == "exact" else f"{report.iterations} iterations"
+    where = f"{report.label} Hessian IHVP ({report.method}, damping {report.damping:g}, {steps})"
     if not math.isfinite(r) or r > max_residual:
         raise MsifError(
             f"The {where} did not converge: relative residual {r:.3g} > max_residual {max_residual:g}, so its "
@@ -114,8 +115,14 @@ def _check(report: SolveReport, settings) -> None:
     if not report.converged and report.method != "identity":
         say(
             f"[yellow]warning:[/] the {where} stopped at relative residual {r:.3g} (tol {tol:g}); "
-            f"‖Hx − b‖/‖b‖ = {report.inverse_residual:.3g}. More iterations or damping would tighten it."
+            f"‖Hx − b‖/‖b‖ = {report.inverse_residual:.3g}. {_remedy(report.method)}"
         )
+
+
+def _remedy(method: str) -> str:
+    if method == "exact":  # a direct solve has no iterations to add: its error is the matrix's conditioning
+        return "The damped Hessian is near-singular at this precision: dtype=float64 or more damping would tighten it."
+    return "More iterations or damping would tighten it."
 
 
 def _cg(apply_A, R0: torch.Tensor, settings, report: SolveReport) -> torch.Tensor:
