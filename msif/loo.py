@@ -72,6 +72,7 @@ class Retrainer:
         # pretrained embedding, W** + (W' − W*) ("shifted"), or from W' itself ("pretrained"). In case fixed
         # W** = W*, so both start from W'.
         net = copy.deepcopy(self.fin.net).to(dev)
+        shifted = cfg.case.update_embedding and loo.get("finetune_start", "shifted") == "shifted"
         with torch.no_grad():
             for p, new, old in zip(
                 net.embedding.parameters(),
@@ -79,7 +80,7 @@ class Retrainer:
                 self.pre.net.embedding.parameters(),
                 strict=True,
             ):
-                if cfg.case.update_embedding and loo.get("finetune_start", "shifted") == "shifted":
+                if shifted:
                     p += new - old.to(dev)
                 else:
                     p.copy_(new)
