@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import tarfile
 
 import pytest
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from msif.influence import MultiStageInfluence, default_solver
 from msif.stages.common import setup
 from msif.stages.finetune import ensure_finetuned
-from tests.conftest import SHARED_DATA, compose_cfg
+from tests.conftest import SHARED_DATA, compose_cfg, run_msif
 
 pytestmark = pytest.mark.slow
 
@@ -90,14 +89,9 @@ def test_influence_on_the_paper_networks_matches_a_per_example_gradient_loop(dat
 
 
 def test_the_cli_runs_influence_on_mnist_from_the_shared_copy(real_data, env, tmp_path):
-    import sys
-
     env = dict(env, MSIF_DATA=str(real_data), MSIF_CACHE=os.environ["MSIF_CACHE"])
-    proc = subprocess.run(
+    proc = run_msif(
         [
-            sys.executable,
-            "-m",
-            "msif",
             "influence",
             "dataset=mnist",
             *SHORT,
@@ -106,10 +100,7 @@ def test_the_cli_runs_influence_on_mnist_from_the_shared_copy(real_data, env, tm
             "solver.pretrain.max_residual=10",
             "solver.finetune.max_residual=10",
         ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
+        env,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "m=24,754 pretraining examples" in proc.stdout
