@@ -37,7 +37,7 @@ STAGES = {
     "validate-loo": Stage(
         "check predicted influence against leave-one-out retraining (Pearson r)", "msif.stages:validate_loo"
     ),
-    "cleanse": Stage("remove the most harmful pretraining examples, retrain, compare accuracy", None, 5),
+    "cleanse": Stage("remove the most harmful pretraining examples, retrain, compare accuracy", "msif.stages:cleanse"),
 }
 
 

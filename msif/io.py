@@ -53,3 +53,14 @@ def load_tensors(path: Path) -> Any | None:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001
         return None
+
+
+def append_csv_row(csv: Path, columns: list[str], row: dict) -> None:
+    """Append one row to a CSV table and flush it to disk (resumable tables: a row is either there or not)."""
+    import pandas as pd
+
+    line = pd.DataFrame([row], columns=columns).to_csv(index=False, header=False)
+    with open(csv, "a") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())

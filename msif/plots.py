@@ -106,3 +106,34 @@ def loo_scatter(panels: list[tuple[str, np.ndarray, dict]], actual: np.ndarray, 
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     _save(fig, path)
+
+
+def cleanse_bars(summary: dict, path: Path, title: str) -> None:
+    """Finetune test accuracy and loss per cleansing condition: mean over seeds with ± std error bars, and each
+    seed's value as a dot (the paper's Section 4.2 comparison)."""
+    labels = {"none": "no removal", "harmful": "most harmful\nremoved", "random": "random\nremoved"}
+    colours = {"none": "tab:grey", "harmful": "tab:red", "random": "tab:blue"}
+    conds = [c for c in labels if c in summary["conditions"]]
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.8))
+    for ax, metric, unit, scale in (
+        (axes[0], "test_accuracy", "accuracy (%)", 100.0),
+        (axes[1], "test_loss", "mean loss", 1.0),
+    ):
+        means = [scale * summary["conditions"][c][f"{metric}_mean"] for c in conds]
+        stds = [scale * summary["conditions"][c][f"{metric}_std"] for c in conds]
+        xs = np.arange(len(conds))
+        ax.bar(xs, means, yerr=stds, capsize=6, color=[colours[c] for c in conds], alpha=0.6)
+        for x, c in zip(xs, conds, strict=True):
+            values = [scale * v for v in summary["conditions"][c][f"{metric}_values"]]
+            ax.scatter([x] * len(values), values, color="black", s=10, zorder=3)
+        lo = min(m - s for m, s in zip(means, stds, strict=True))
+        hi = max(m + s for m, s in zip(means, stds, strict=True))
+        pad = max(hi - lo, 1e-3 * max(abs(hi), 1.0))
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_xticks(xs, [labels[c] for c in conds], fontsize=8)
+        ax.set_ylabel(f"finetune test {unit}", fontsize=8)
+        for x, mval in zip(xs, means, strict=True):
+            ax.annotate(f"{mval:.2f}" if scale > 1 else f"{mval:.4f}", (x, mval), ha="center", va="bottom", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    _save(fig, path)

@@ -6,6 +6,7 @@ same seed and settings on the same machine give bit-identical parameters.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -16,7 +17,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from msif.console import progress
-from msif.data import Examples
+from msif.data import Examples, Tasks
+from msif.models import build_finetune_net, build_pretrain_net
 
 
 def batch_schedule(n: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
@@ -140,6 +142,51 @@ def train_finetune_net(
     return fit(
         net, list(net.parameters()), x, y, t, seed, "finetune W, Θ", penalty, steps=steps, show_progress=show_progress
     )
+
+
+def train_pretrain_net(
+    cfg: DictConfig,
+    tasks: Tasks,
+    seed: int,
+    device,
+    dtype,
+    rows=None,
+    record: list | None = None,
+    show_progress: bool = True,
+):
+    """A freshly initialised (W, U) trained on the pretraining examples `rows` (all when None): (net, fit stats).
+
+    `record` receives each step's batch as rows of the pretraining set."""
+    task = tasks.pretrain
+    net = build_pretrain_net(cfg.model, tasks.input_shape, task.num_classes, seed, dtype).to(device)
+    x, y = task.train.x, task.train.y
+    if rows is not None:
+        x, y = x[rows], y[rows]
+    steps_seen: list | None = [] if record is not None else None
+    stats = fit(
+        net,
+        list(net.parameters()),
+        x.to(device),
+        y.to(device),
+        cfg.train.pretrain,
+        seed,
+        "pretrain",
+        record=steps_seen,
+        show_progress=show_progress,
+    )
+    if record is not None:
+        record.extend(idx if rows is None else rows[idx] for idx in steps_seen)
+    return net, stats
+
+
+def finetune_from(cfg: DictConfig, tasks: Tasks, embedding, seed: int, device, dtype, show_progress: bool = True):
+    """A fresh finetune head Θ on a copy of `embedding`, trained as `cfg.case` says: (net, fit stats)."""
+    task = tasks.finetune
+    net = build_finetune_net(cfg.model, copy.deepcopy(embedding), tasks.input_shape, task.num_classes, seed, dtype).to(
+        device
+    )
+    x, y = task.train.x.to(device), task.train.y.to(device)
+    return net, train_finetune_net(net, cfg, x, y, seed, show_progress=show_progress)
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from msif.stages.common import (
     state_of,
 )
 from msif.stages.pretrain import ensure_pretrained, summarize
-from msif.training import evaluate, squared_distance, train_finetune_net
+from msif.training import evaluate, finetune_from, squared_distance
 
 
 def finetune(cfg: DictConfig, tasks: Tasks | None = None) -> Trained:
@@ -42,17 +42,14 @@ def finetune(cfg: DictConfig, tasks: Tasks | None = None) -> Trained:
         return load_finetuned(cfg, pre, env.tasks)
     task = env.tasks.finetune
     t = cfg.train.finetune
-    net = build_finetune_net(
-        cfg.model, copy.deepcopy(pre.net.embedding), env.tasks.input_shape, task.num_classes, cfg.seed, env.dtype
-    ).to(env.device)
-    x, y = task.train.x.to(env.device), task.train.y.to(env.device)
     say(
         f"finetune ({cfg.case.name}): {cfg.dataset.name} classes {task.train.class_names}, n={len(task.train):,} "
         f"examples, {t.steps} steps on {env.device}, from {pre.run.path}"
     )
     start = time.perf_counter()
-    anchor = [p.detach().clone() for p in net.embedding.parameters()]
-    fit_stats = train_finetune_net(net, cfg, x, y, cfg.seed)
+    anchor = [p.detach().to(env.device, copy=True) for p in pre.net.embedding.parameters()]
+    net, fit_stats = finetune_from(cfg, env.tasks, pre.net.embedding, cfg.seed, env.device, env.dtype)
+    x, y = task.train.x.to(env.device), task.train.y.to(env.device)
     bs = cfg.train.eval_batch_size
     metrics = {
         "stage": "finetune",

@@ -21,7 +21,7 @@ from msif.stages.common import (
     shape_info,
     state_of,
 )
-from msif.training import evaluate, fit
+from msif.training import evaluate, train_pretrain_net
 
 
 def pretrain(cfg: DictConfig, tasks: Tasks | None = None) -> Trained:
@@ -32,14 +32,13 @@ def pretrain(cfg: DictConfig, tasks: Tasks | None = None) -> Trained:
         say(f"pretrain: reusing the finished run {run.path} (same settings; force=true retrains)")
         return load_pretrained(cfg, env.tasks)
     task = env.tasks.pretrain
-    net = build_pretrain_net(cfg.model, env.tasks.input_shape, task.num_classes, cfg.seed, env.dtype).to(env.device)
-    x, y = task.train.x.to(env.device), task.train.y.to(env.device)
     say(
         f"pretrain: {cfg.dataset.name} classes {task.train.class_names}, m={len(task.train):,} examples, "
         f"model {cfg.model.name}, {cfg.train.pretrain.steps} steps on {env.device}"
     )
     start = time.perf_counter()
-    fit_stats = fit(net, list(net.parameters()), x, y, cfg.train.pretrain, cfg.seed, "pretrain")
+    net, fit_stats = train_pretrain_net(cfg, env.tasks, cfg.seed, env.device, env.dtype)
+    x, y = task.train.x.to(env.device), task.train.y.to(env.device)
     bs = cfg.train.eval_batch_size
     groups = parameter_groups(net)
     metrics = {

@@ -23,7 +23,7 @@ from msif.config import signature, to_plain
 from msif.console import console, progress, say, table
 from msif.data import Tasks
 from msif.errors import MsifError
-from msif.io import atomic_write_json, atomic_write_text
+from msif.io import append_csv_row, atomic_write_json, atomic_write_text
 from msif.loo import Retrainer, correlation, select_examples
 from msif.stages.common import read_json, setup
 from msif.stages.finetune import ensure_finetuned
@@ -115,7 +115,7 @@ def validate_loo(cfg: DictConfig, tasks: Tasks | None = None) -> LooResult:
         task = bar.add_task("leave-one-out retrains", total=len(selection), completed=len(done), info="")
         for z, loss, seconds in _run(cfg, retrainer, todo):
             rows.append(row(z, loss, seconds))
-            _append(csv, columns, rows[-1])
+            append_csv_row(csv, columns, rows[-1])
             frame = pd.DataFrame(rows)
             r = correlation(frame["predicted_effect"].to_numpy(), frame["actual_effect"].to_numpy(), resamples=0)
             rate = (len(rows) - len(done)) / max(time.perf_counter() - start, 1e-9) * 60
@@ -174,14 +174,6 @@ def read_finished(csv: Path, columns: list[str], selection: list[int]) -> pd.Dat
     if unknown or frame["index"].duplicated().any():
         raise MsifError(f"{csv} holds rows for examples this run did not select ({unknown[:5]}) or repeats one.", keep)
     return frame
-
-
-def _append(csv: Path, columns: list[str], row: dict) -> None:
-    line = pd.DataFrame([row], columns=columns).to_csv(index=False, header=False)
-    with open(csv, "a") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _reference(cfg: DictConfig, retrainer: Retrainer, path: Path) -> float:

@@ -1,0 +1,144 @@
+"""Data cleansing (paper Section 4.2): which pretraining examples to remove, a model retrained without them, and
+how the conditions compare across seeds. The `msif cleanse` stage (msif/stages/cleanse.py) is a thin layer on these.
+
+Positive I(z, T) means z raised the finetune test loss (MATH.md), so the examples removed are the largest positive
+scores; the control removes the same number of examples drawn at random.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from msif.data import Tasks
+from msif.training import evaluate, finetune_from, fit, train_pretrain_net
+
+CONDITIONS = ("none", "harmful", "random")  # no removal, the top positive scores, the same number at random
+
+
+@dataclass
+class Removal:
+    """The rows chosen for removal and how the choice came out."""
+
+    rows: np.ndarray  # rows of the pretraining set, largest score first
+    asked: int  # round(fraction * m)
+    positive: int  # examples with a positive score (only those are removed)
+
+
+def harmful_rows(scores: pd.DataFrame, fraction: float, m: int) -> Removal:
+    """The round(fraction·m) pretraining rows with the largest positive I(z, T) (fewer when fewer are positive).
+
+    `scores` is an influence table with one row per pretraining example (columns `index`, `score`)."""
+    asked = int(round(fraction * m))
+    ordered = scores.sort_values(["score", "index"], ascending=[False, True])
+    positive = ordered[ordered["score"] > 0]
+    return Removal(positive["index"].to_numpy()[:asked].astype(np.int64), asked, len(positive))
+
+
+def random_rows(m: int, count: int, draw_seed: int, seed: int) -> np.ndarray:
+    """`count` rows of range(m) drawn without replacement, reproducibly from (draw_seed, training seed)."""
+    rng = np.random.default_rng([int(draw_seed), int(seed)])
+    return np.sort(rng.choice(m, size=count, replace=False)).astype(np.int64)
+
+
+def kept_rows(m: int, removed: np.ndarray) -> torch.Tensor:
+    keep = np.ones(m, dtype=bool)
+    keep[removed] = False
+    return torch.from_numpy(np.nonzero(keep)[0])
+
+
+def retrain_without(
+    cfg: DictConfig,
+    tasks: Tasks,
+    removed: np.ndarray,
+    seed: int,
+    device,
+    dtype,
+    *,
+    start: str = "scratch",
+    pretrained: torch.nn.Module | None = None,
+    warm_steps: int | None = None,
+    record: list | None = None,
+) -> dict:
+    """Retrain both stages without the pretraining rows `removed`; the finetune test accuracy and loss.
+
+    start="scratch": a fresh (W, U) initialised and batched with `seed`, trained with the pretraining recipe.
+    start="warm": continue `pretrained` for `warm_steps` steps on the kept rows. Either way Θ is then trained
+    from a fresh initialisation as `cfg.case` says. `record` receives every pretraining batch as pretraining rows.
+    """
+    start_time = time.perf_counter()
+    keep = kept_rows(len(tasks.pretrain.train), removed)
+    if start == "scratch":
+        pre_net, _ = train_pretrain_net(cfg, tasks, seed, device, dtype, rows=keep, record=record)
+    else:
+        pre_net = copy.deepcopy(pretrained).to(device)
+        for p in pre_net.parameters():
+            p.requires_grad_(True)
+        seen: list = []
+        task = tasks.pretrain.train
+        fit(
+            pre_net,
+            list(pre_net.parameters()),
+            task.x[keep].to(device),
+            task.y[keep].to(device),
+            cfg.train.pretrain,
+            seed,
+            "pretrain (warm)",
+            steps=int(warm_steps),
+            record=seen,
+        )
+        if record is not None:
+            record.extend(keep[idx] for idx in seen)
+    bs = cfg.train.eval_batch_size
+    pre_test = evaluate(pre_net, (tasks.pretrain.test.x.to(device), tasks.pretrain.test.y.to(device)), bs)
+    fin_net, _ = finetune_from(cfg, tasks, pre_net.embedding, seed, device, dtype)
+    fin_test = evaluate(fin_net, (tasks.finetune.test.x.to(device), tasks.finetune.test.y.to(device)), bs)
+    return {
+        "test_accuracy": fin_test["accuracy"],
+        "test_loss": fin_test["loss"],
+        "pretrain_test_accuracy": pre_test["accuracy"],
+        "seconds": time.perf_counter() - start_time,
+    }
+
+
+def compare_conditions(frame: pd.DataFrame) -> dict:
+    """Mean ± std of test accuracy and loss per condition, and paired differences over the seeds all share."""
+    out: dict = {"conditions": {}, "paired": {}}
+    for cond, f in frame.groupby("condition", sort=False):
+        out["conditions"][cond] = {
+            "seeds": sorted(int(s) for s in f["seed"]),
+            **{f"{metric}_{stat}": _stat(f[metric].to_numpy(), stat) for metric in _METRICS for stat in _STATS},
+            **{f"{metric}_values": [float(v) for v in f[metric]] for metric in _METRICS},
+        }
+    wide = frame.pivot(index="seed", columns="condition", values=list(_METRICS))
+    for a, b in (("harmful", "none"), ("random", "none"), ("harmful", "random")):
+        if (a not in frame["condition"].values) or (b not in frame["condition"].values):
+            continue
+        d = {}
+        for metric in _METRICS:
+            diff = (wide[metric][a] - wide[metric][b]).dropna()
+            d[metric] = {
+                "mean": _stat(diff.to_numpy(), "mean"),
+                "std": _stat(diff.to_numpy(), "std"),
+                "per_seed": {int(s): float(v) for s, v in diff.items()},
+            }
+        out["paired"][f"{a} - {b}"] = d
+    return out
+
+
+_METRICS = ("test_accuracy", "test_loss")
+_STATS = ("mean", "std")
+
+
+def _stat(v: np.ndarray, stat: str) -> float:
+    if len(v) == 0:
+        return float("nan")
+    if stat == "mean":
+        return float(np.mean(v))
+    return float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
