@@ -42,15 +42,6 @@ def test_help_lists_the_stages_and_each_stage_has_hydra_help(env):
     assert "msif finetune" in stage_help.stdout and "case: fixed, updated" in stage_help.stdout
 
 
-@pytest.mark.parametrize("stage, issue", [("influence", 3), ("validate-loo", 4), ("cleanse", 5)])
-def test_unbuilt_stages_say_so_plainly(stage, issue, env):
-    from msif.cli import STAGES
-
-    if STAGES[stage].entry is not None:
-        pytest.skip(f"msif {stage} is built")
-    refused(run_msif([stage], env), "not built yet", f"#{issue}")
-
-
 def test_pretrain_then_finetune_both_cases_chain_through_run_folders(env, tmp_path):
     out = tmp_path / "outputs"
     pre = ok(run_msif(["pretrain", *TINY], env))
