@@ -37,6 +37,9 @@ STAGES = {
         "check predicted influence against leave-one-out retraining (Pearson r)", "msif.stages:validate_loo"
     ),
     "cleanse": Stage("remove the most harmful pretraining examples, retrain, compare accuracy", "msif.stages:cleanse"),
+    "reproduce": Stage(
+        "run the paper's experiments (plan=cpu|paper|tiny) and write REPORT.md", "msif.stages.reproduce:reproduce"
+    ),
 }
 
 

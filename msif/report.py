@@ -1,0 +1,92 @@
+"""REPORT.md for `msif reproduce`: one table with the paper's number beside msif's, then each figure."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from msif import __version__
+from msif.io import atomic_write_text
+
+
+@dataclass
+class Entry:
+    """One experiment's row of the report."""
+
+    id: str
+    title: str
+    paper: str
+    measured: str
+    settings: str
+    compute: float  # seconds the runs it used took when they were computed (recorded in their folders)
+    figures: list[str]
+    runs: list[str]
+    note: str = ""
+    wall: float = 0.0  # seconds this invocation spent on it (small when the runs were reused)
+    extra: dict = field(default_factory=dict)
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_report(folder: Path, plan: DictConfig, entries: list[Entry], compute: float, wall: float) -> Path:
+    """Write folder/REPORT.md (atomically) and return its path."""
+    lines = [
+        f"# msif reproduction report: plan `{plan.name}`",
+        "",
+        f"{plan.description}".strip(),
+        "",
+        f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `msif reproduce plan={plan.name}` "
+        f"(msif {__version__}, commit {_commit()}) on {platform.machine()} with {os.cpu_count()} CPU cores, "
+        f"profile `{plan.profile}`.",
+        "",
+        "*compute* is what the runs an experiment used took when they were computed (recorded in their run folders; "
+        "a run shared by two experiments counts for both here and once in the total); *this run* is what this "
+        "invocation spent (small when finished runs were reused).",
+        "",
+        "| experiment | paper | msif | settings | compute (s) | this run (s) |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    for e in entries:
+        lines.append(
+            f"| {_cell(e.title)} | {_cell(e.paper)} | {_cell(e.measured)} | {_cell(e.settings)} | "
+            f"{e.compute:,.0f} | {e.wall:,.0f} |"
+        )
+    lines += [
+        "",
+        f"Total compute of the distinct runs behind this report: {compute:,.0f} s ({compute / 3600:.2f} h); "
+        f"this invocation: {wall:,.0f} s.",
+        "",
+    ]
+    for e in entries:
+        lines += [f"## {e.title}", "", f"Paper: {e.paper}. msif: {e.measured}.", "", f"Settings: {e.settings}.", ""]
+        if e.note:
+            lines += [e.note.strip(), ""]
+        lines += [f"![{e.id}](figures/{name})" for name in e.figures]
+        lines += ["", "Run folders: " + ", ".join(f"`{r}`" for r in e.runs), ""]
+    for title, text in (plan.get("not_reproduced") or {}).items():
+        lines += [f"## {title} (not reproduced)", "", str(text).strip(), ""]
+    path = Path(folder) / "REPORT.md"
+    atomic_write_text("\n".join(lines), path)
+    return path

@@ -1,0 +1,283 @@
+"""`msif reproduce`: run every experiment of the paper that can run here and write <report_dir>/REPORT.md.
+
+A plan (conf/plan/<name>.yaml) lists the experiments: each names its kind (loo, identity, per_test, histograms,
+cleanse), the stage overrides of its runs and the paper's number. Each run is the ordinary stage (validate-loo,
+influence, cleanse) with those overrides, so finished run folders are reused and a rerun only does what is missing.
+The report sets each figure beside the paper's number, msif's number, the settings and the compute time.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from msif.config import to_plain
+from msif.console import console, say, table
+from msif.errors import MsifError
+from msif.report import Entry, write_report
+
+KINDS = ("loo", "identity", "per_test", "histograms", "cleanse")
+
+
+@dataclass
+class Context:
+    """What every experiment handler gets: the plan, the overrides common to every run, and the report folder."""
+
+    cfg: DictConfig
+    common: list[str]
+    figures: Path
+    runs: dict[str, float] = field(default_factory=dict)  # run folder -> recorded compute seconds (each counted once)
+
+    def compose(self, stage: str, overrides: list[str]) -> DictConfig:
+        return compose_stage(stage, [*self.common, *overrides])
+
+    def count(self, path, seconds) -> float:
+        if seconds is not None:
+            self.runs[str(path)] = float(seconds)
+        return float(seconds or 0.0)
+
+    def count_upstream(self, cfg: DictConfig) -> float:
+        """Record the pretrain and finetune runs `cfg` names (made when missing); their compute seconds."""
+        from msif.stages.finetune import ensure_finetuned
+
+        pre, fin = ensure_finetuned(cfg)
+        return self.count(pre.run.path, pre.metrics.get("seconds")) + self.count(
+            fin.run.path, fin.metrics.get("seconds")
+        )
+
+
+def compose_stage(stage: str, overrides: list[str]) -> DictConfig:
+    """The config `msif <stage> <overrides>` would run with (inside a running Hydra app or from plain Python)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from msif.cli import CONF_DIR
+
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    name = stage.replace("-", "_")
+    try:
+        if GlobalHydra.instance().is_initialized():
+            return compose(config_name=name, overrides=overrides)
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name=name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        first = " ".join(str(err).split())[:300]
+        raise MsifError(
+            f"The plan's overrides for `msif {stage}` do not compose ({first}); overrides: {overrides}.",
+            f"Fix the experiment's overrides in the plan file (conf/plan/), or check them with "
+            f"`msif {stage} <overrides> --cfg job`.",
+        ) from None
+
+
+def reproduce(cfg: DictConfig) -> Path:
+    """Run the plan's experiments in order and write the report; returns the report's path."""
+    plan = cfg.plan
+    experiments = list(plan.experiments)
+    only = to_plain(cfg.only)
+    if only:
+        unknown = sorted(set(only) - {e.id for e in experiments})
+        if unknown:
+            raise MsifError(
+                f"only= names experiments that plan '{plan.name}' does not have: {unknown}.",
+                f"Its experiments are {[e.id for e in experiments]}.",
+            )
+        experiments = [e for e in experiments if e.id in only]
+    for e in experiments:
+        if e.kind not in KINDS:
+            raise MsifError(f"Experiment {e.id} of plan '{plan.name}' has unknown kind '{e.kind}'.", f"Use {KINDS}.")
+    report_dir = Path(cfg.report_dir)
+    figures = report_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    common = [f"profile={plan.profile}", *[str(o) for o in plan.common]]
+    for key in ("output_root", "data_root", "cache_dir", "device", "dtype"):
+        if cfg.get(key) is not None:
+            common.append(f"{key}={_quote(cfg[key])}")
+    ctx = Context(cfg, common, figures)
+    entries: list[Entry] = []
+    started = time.perf_counter()
+    for i, e in enumerate(experiments, 1):
+        say(f"[bold]reproduce {i}/{len(experiments)}: {e.id}, {e.title}[/]")
+        t0 = time.perf_counter()
+        entry = HANDLERS[e.kind](ctx, e)
+        entry.wall = time.perf_counter() - t0
+        entries.append(entry)
+        console.print(table(f"{e.id}: {e.title}", ["", "paper", "msif"], [["", entry.paper, entry.measured]]))
+    path = write_report(report_dir, plan, entries, sum(ctx.runs.values()), time.perf_counter() - started)
+    console.print(
+        table(
+            f"reproduce ({plan.name}): {len(entries)} experiments",
+            ["experiment", "paper", "msif", "compute (s)", "this run (s)"],
+            [[x.id, x.paper, x.measured, f"{x.compute:,.0f}", f"{x.wall:,.0f}"] for x in entries],
+        )
+    )
+    say(f"report: {path}")
+    return path
+
+
+def _quote(value) -> str:
+    text = str(value)
+    return text if text.replace("/", "").replace("_", "").replace("-", "").replace(".", "").isalnum() else repr(text)
+
+
+def _settings(cfg: DictConfig, *keys: str) -> str:
+    """A short `key=value` description of the settings that matter for a figure."""
+    parts = [f"{cfg.dataset.name}, case {cfg.case.name}"]
+    values = {
+        "solver": lambda: (
+            f"{cfg.solver.pretrain.method} λ={cfg.solver.pretrain.damping:g}/{cfg.solver.finetune.damping:g}"
+            f" ({cfg.solver.pretrain.iterations} it)"
+        ),
+        "hessian": lambda: f"H_G on {cfg.hessian.pretrain_sample} examples",
+        "steps": lambda: f"{cfg.train.pretrain.steps}/{cfg.train.finetune.steps} train steps",
+        "loo": lambda: (
+            f"k={cfg.loo.k}, K_p={cfg.loo.pretrain_steps}, K_f={cfg.loo.finetune_steps}, "
+            f"{cfg.loo.optimizer or cfg.train.pretrain.optimizer} lr {cfg.loo.lr}"
+        ),
+        "n": lambda: f"n={cfg.dataset.finetune.n_train or 'all'}",
+    }
+    parts += [values[k]() for k in keys]
+    return "; ".join(parts)
+
+
+def _loo(ctx: Context, e: DictConfig) -> Entry:
+    from msif import plots
+    from msif.stages import validate_loo
+
+    cfg = ctx.compose("validate-loo", list(e.overrides))
+    compute = ctx.count_upstream(cfg)
+    result = validate_loo(cfg)
+    s = result.summary
+    compute += ctx.count(s["influence_run"], s.get("influence_seconds"))
+    ref = _read_seconds(result.path / "reference.json")
+    compute += ctx.count(result.path, s["retrain_seconds"]["total"] + ref)
+    which = str(e.get("scores", "msif"))
+    column = "predicted_effect" if which == "msif" else f"{which}_predicted_effect"
+    stats = s["correlation"][which]
+    label = "msif" if which == "msif" else f"{which} (all inverse Hessians replaced by I)"
+    figure = ctx.figures / f"{e.id}.png"
+    plots.loo_scatter(
+        [(label, result.table[column].to_numpy(), stats)],
+        result.table["actual_effect"].to_numpy(),
+        figure,
+        f"{e.title}: k = {s['k']}",
+    )
+    ci = stats.get("pearson_r_ci95") or [float("nan")] * 2
+    return Entry(
+        e.id,
+        e.title,
+        str(e.paper),
+        f"r = {stats['pearson_r']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}], ρ = {stats['spearman_rho']:.2f}",
+        _settings(cfg, "loo", "solver") + f"; reference drift {100 * s.get('reference_drift', 0.0):+.1f}%",
+        compute,
+        [figure.name],
+        [str(result.path)],
+        str(e.get("note", "")),
+    )
+
+
+def _per_test(ctx: Context, e: DictConfig) -> Entry:
+    from msif.stages import influence
+
+    figures, measured, compute, runs, settings = [], [], 0.0, [], []
+    for j, overrides in enumerate(e.runs):
+        cfg = ctx.compose("influence", list(overrides))
+        compute += ctx.count_upstream(cfg)
+        result = influence(cfg)
+        compute += ctx.count(result.path, result.summary["seconds"]["total"])
+        grid = result.path / "influence_grid.png"
+        if grid.exists():
+            name = f"{e.id}_{j}_{cfg.dataset.name}.png"
+            shutil.copyfile(grid, ctx.figures / name)
+            figures.append(name)
+        f = result.scores
+        for t, rows in f.groupby("test_index", sort=False):
+            top = rows.sort_values("score", ascending=False).iloc[0]
+            measured.append(
+                f"{cfg.dataset.name} test #{t} (true {top.test_class_name}, predicted {top.test_prediction}) ← "
+                f"pretrain #{int(top['index'])} ({top.class_name}, I = {top.score:.3g})"
+            )
+            break  # one pair per data set, as in the paper
+        settings.append(_settings(cfg, "solver") + f"; {len(f['test_index'].unique())} misclassified test points")
+        runs.append(str(result.path))
+    return Entry(e.id, e.title, str(e.paper), "; ".join(measured), " | ".join(settings), compute, figures, runs)
+
+
+def _histograms(ctx: Context, e: DictConfig) -> Entry:
+    from msif import plots
+    from msif.stages import influence
+
+    series, compute, runs, settings = {}, 0.0, [], []
+    for label, overrides in e.runs.items():
+        cfg = ctx.compose("influence", list(overrides))
+        compute += ctx.count_upstream(cfg)
+        result = influence(cfg)
+        compute += ctx.count(result.path, result.summary["seconds"]["total"])
+        series[str(label)] = result.scores["score"].to_numpy()
+        acc = result.summary.get("finetune_test_accuracy")
+        settings.append(
+            f"{label}: " + _settings(cfg, "n", "steps") + (f", finetune test acc {100 * acc:.1f}%" if acc else "")
+        )
+        runs.append(str(result.path))
+    figure = ctx.figures / f"{e.id}.png"
+    plots.score_histogram(series, figure, e.title)
+    means = {k: float(np.mean(np.abs(v))) for k, v in series.items()}
+    (a, ma), (b, mb) = list(means.items())[:2]
+    measured = f"mean |I|: {ma:.3g} vs {mb:.3g} (ratio {ma / mb:.2f})"
+    return Entry(e.id, e.title, str(e.paper), measured, " | ".join(settings), compute, [figure.name], runs)
+
+
+def _cleanse(ctx: Context, e: DictConfig) -> Entry:
+    from msif.stages import cleanse
+
+    cfg = ctx.compose("cleanse", list(e.overrides))
+    compute = ctx.count_upstream(cfg)
+    result = cleanse(cfg)
+    s = result.summary
+    compute += ctx.count(s["influence_run"], _read_seconds(Path(s["influence_run"]) / "summary.json", "total"))
+    own = result.table[~((result.table["condition"] == "none") & (result.table["seed"] == cfg.seed))]
+    compute += ctx.count(result.path, float(own["seconds"].sum()))
+    figures = []
+    for name in ("cleanse.png", "removed_grid.png"):
+        if (result.path / name).exists():
+            shutil.copyfile(result.path / name, ctx.figures / f"{e.id}_{name}")
+            figures.append(f"{e.id}_{name}")
+    c = s["conditions"]
+    acc = {k: f"{100 * v['test_accuracy_mean']:.2f}% ± {100 * v['test_accuracy_std']:.2f}" for k, v in c.items()}
+    d = s["paired"]["harmful - none"]["test_accuracy"]
+    measured = (
+        f"no removal {acc['none']}, harmful removed {acc['harmful']}, random removed {acc['random']} "
+        f"(paired harmful − none {100 * d['mean']:+.2f} ± {100 * d['std']:.2f} points)"
+    )
+    settings = _settings(cfg, "solver", "steps") + (
+        f"; removed {s['removed']:,} of {s['m']:,} ({100 * s['fraction']:.0f}%), {s['start']} start, seeds {s['seeds']}"
+    )
+    return Entry(e.id, e.title, str(e.paper), measured, settings, compute, figures, [str(result.path)])
+
+
+def _read_seconds(path: Path, key: str = "seconds") -> float:
+    from msif.stages.common import read_json
+
+    data = read_json(path)
+    value = data.get(key, data.get("seconds", {}))
+    if isinstance(value, dict):
+        value = value.get(key)
+    return float(value or 0.0)
+
+
+HANDLERS: dict[str, Callable[[Context, DictConfig], Entry]] = {
+    "loo": _loo,
+    "identity": _loo,  # the same validate-loo run, scored with loo.compare=identity (Figure 3)
+    "per_test": _per_test,
+    "histograms": _histograms,
+    "cleanse": _cleanse,
+}
+
+__all__ = ["compose_stage", "reproduce"]
