@@ -56,11 +56,10 @@ def compose_stage(stage: str, overrides: list[str]) -> DictConfig:
     """The config `msif <stage> <overrides>` would run with (inside a running Hydra app or from plain Python)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
-    from msif.cli import CONF_DIR
-
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+
+    from msif.cli import CONF_DIR
 
     name = stage.replace("-", "_")
     try:
@@ -214,13 +213,14 @@ def _histograms(ctx: Context, e: DictConfig) -> Entry:
     from msif import plots
     from msif.stages import influence
 
-    series, compute, runs, settings = {}, 0.0, [], []
+    series, sizes, compute, runs, settings = {}, {}, 0.0, [], []
     for label, overrides in e.runs.items():
         cfg = ctx.compose("influence", list(overrides))
         compute += ctx.count_upstream(cfg)
         result = influence(cfg)
         compute += ctx.count(result.path, result.summary["seconds"]["total"])
         series[str(label)] = result.scores["score"].to_numpy()
+        sizes[str(label)] = int(result.summary["target"]["size"])
         acc = result.summary.get("finetune_test_accuracy")
         settings.append(
             f"{label}: " + _settings(cfg, "n", "steps") + (f", finetune test acc {100 * acc:.1f}%" if acc else "")
@@ -230,7 +230,10 @@ def _histograms(ctx: Context, e: DictConfig) -> Entry:
     plots.score_histogram(series, figure, e.title)
     means = {k: float(np.mean(np.abs(v))) for k, v in series.items()}
     (a, ma), (b, mb) = list(means.items())[:2]
+    pa, pb = ma / sizes[a], mb / sizes[b]  # L_T sums over the test set: per test point when the sets differ in size
     measured = f"mean |I|: {ma:.3g} vs {mb:.3g} (ratio {ma / mb:.2f})"
+    if sizes[a] != sizes[b]:
+        measured += f"; per test point ({sizes[a]:,} vs {sizes[b]:,}): {pa:.3g} vs {pb:.3g} (ratio {pa / pb:.2f})"
     return Entry(e.id, e.title, str(e.paper), measured, " | ".join(settings), compute, [figure.name], runs)
 
 

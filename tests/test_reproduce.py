@@ -1,0 +1,44 @@
+"""`msif reproduce`: the tiny plan runs every kind of experiment end to end and writes a complete report."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from PIL import Image
+
+from msif.errors import MsifError
+from msif.stages.reproduce import compose_stage, reproduce
+from tests.conftest import run_msif
+from tests.test_cli import refused
+
+
+def test_the_tiny_plan_makes_every_figure_and_the_report_table(env, tmp_path):
+    cfg = compose_stage("reproduce", ["plan=tiny", f"report_dir={tmp_path / 'report'}"])
+    path = reproduce(cfg)
+    text = path.read_text()
+    ids = [e.id for e in cfg.plan.experiments]
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| experiment")]
+    assert len(rows) == len(ids) == 7
+    for row in rows:
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]]
+        assert len(cells) == 6 and all(cells), row  # title, paper, msif, settings, compute, this run
+        assert float(cells[4].replace(",", "")) > 0
+    figures = sorted((tmp_path / "report" / "figures").glob("*.png"))
+    assert {f.stem.split("_")[0] for f in figures} >= set(ids)
+    for f in figures:
+        with Image.open(f) as im:
+            assert im.size[0] > 100 and im.size[1] > 100
+        assert f"(figures/{f.name})" in text
+    assert "Section 4.5" in text and "not reproduced" in text
+    assert re.search(r"Total compute of the distinct runs behind this report: [\d,]+ s", text)
+
+
+def test_unknown_experiments_and_bad_plan_overrides_are_refused(env, tmp_path):
+    with pytest.raises(MsifError, match="fig9"):
+        reproduce(compose_stage("reproduce", ["plan=tiny", "only=[fig9]", f"report_dir={tmp_path}"]))
+    bad = compose_stage("reproduce", ["plan=tiny", "only=[fig4]", f"report_dir={tmp_path}"])
+    bad.plan.experiments[3].runs[0].append("no_such_key=1")
+    with pytest.raises(MsifError, match="do not compose"):
+        reproduce(bad)
+    refused(run_msif(["reproduce", "plan=nope"], env), "plan")
