@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.msif-installed
 
-.PHONY: help install demo test test-slow test-full data bench lint clean-outputs
+.PHONY: help install demo test test-slow test-full data bench reproduce lint clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -42,6 +42,11 @@ data:  ## put the project's MNIST and CIFAR-10 copies (../shared/data) into ./da
 
 bench: install  ## influence speed on MNIST (data in ./data or MSIF_DATA): msif vs a per-example gradient loop
 	$(BIN)/python benchmarks/influence_speed.py
+
+PROFILE ?= cpu
+
+reproduce: install  ## the paper's experiments (PROFILE=cpu|paper|tiny), reusing finished runs -> outputs/reproduce/REPORT.md
+	$(BIN)/msif reproduce plan=$(PROFILE)
 
 lint: install  ## ruff
 	$(BIN)/ruff check msif tests

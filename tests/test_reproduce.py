@@ -42,3 +42,24 @@ def test_unknown_experiments_and_bad_plan_overrides_are_refused(env, tmp_path):
     with pytest.raises(MsifError, match="do not compose"):
         reproduce(bad)
     refused(run_msif(["reproduce", "plan=nope"], env), "plan")
+
+
+@pytest.mark.parametrize(
+    "experiment, case, classes, n_train",
+    [
+        ("similarity_task_a", "fixed", ["bird", "frog"], 5000),
+        ("similarity_task_b", "fixed", ["automobile", "deer"], 5000),
+        ("finetune_15k", "updated", None, 15000),
+    ],
+)
+def test_the_study_configs_compose_for_every_stage(experiment, case, classes, n_train):
+    base = compose_stage("influence", ["dataset=cifar", f"case={case}"])
+    for stage in ("finetune", "influence", "validate-loo", "cleanse"):
+        cfg = compose_stage(stage, [f"experiment={experiment}"])
+        assert cfg.dataset.name == "cifar" and cfg.case.name == case
+        assert list(cfg.dataset.pretrain.classes) == ["bird", "frog"]  # one pretrained model for both tasks
+        assert list(cfg.dataset.finetune.classes) == (classes or list(base.dataset.finetune.classes))
+        assert cfg.dataset.finetune.n_train == n_train
+        expected_steps = base.train.finetune.steps * (3 if experiment == "finetune_15k" else 1)
+        assert cfg.train.finetune.steps == expected_steps
+        assert cfg.train.pretrain == base.train.pretrain
