@@ -130,7 +130,19 @@ def resolve_dtype(name: str):
 
 
 def influence_settings(cfg: DictConfig, finetune_signature: str) -> dict[str, Any]:
-    """The settings that determine an influence table, chained to its finetune checkpoint's signature."""
+    """The settings that determine an influence table, chained to its finetune checkpoint's signature (single-stage:
+    the pretrain checkpoint's)."""
+    if cfg.get("mode", "multi_stage") == "single_stage":  # chained to the pretrain run; no finetune case
+        return {
+            "version": FORMAT_VERSION,
+            "mode": "single_stage",
+            "pretrain": finetune_signature,
+            "solver": cfg.solver.pretrain,
+            "target": {k: v for k, v in cfg.target.items() if k != "chunk"},
+            "score": {"indices": cfg.score.indices},
+            "hessian": {k: v for k, v in cfg.hessian.items() if k not in ("batch_size", "finetune_sample")},
+            "dtype": cfg.dtype,
+        }
     return {
         "version": FORMAT_VERSION,
         "finetune": finetune_signature,

@@ -67,9 +67,11 @@ def finetune_run(cfg: DictConfig, pretrain: RunFolder) -> RunFolder:
     return RunFolder("finetune", pretrain.path / f"finetune-{cfg.case.name}-{sig}", settings)
 
 
-def influence_run(cfg: DictConfig, finetune: RunFolder) -> RunFolder:
-    settings = influence_settings(cfg, finetune.signature)
-    return RunFolder("influence", finetune.path / f"influence-{signature(settings)}", settings, marker="summary.json")
+def influence_run(cfg: DictConfig, upstream: RunFolder) -> RunFolder:
+    """In the finetune run folder (multi-stage), or in the pretrain run folder (single-stage: influence-single-*)."""
+    settings = influence_settings(cfg, upstream.signature)
+    kind = "influence-single" if settings.get("mode") == "single_stage" else "influence"
+    return RunFolder("influence", upstream.path / f"{kind}-{signature(settings)}", settings, marker="summary.json")
 
 
 def save_run(

@@ -7,6 +7,7 @@ import warnings
 warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
 
 from msif.influence.api import MultiStageInfluence, default_solver  # noqa: E402
+from msif.influence.single import SingleStageInfluence  # noqa: E402
 from msif.influence.solvers import METHODS  # noqa: E402
 
-__all__ = ["METHODS", "MultiStageInfluence", "default_solver"]
+__all__ = ["METHODS", "MultiStageInfluence", "SingleStageInfluence", "default_solver"]

@@ -134,6 +134,12 @@ _LABELS = {
 
 def _check(cfg: DictConfig) -> list[int]:
     c = cfg.cleanse
+    if cfg.get("mode", "multi_stage") != "multi_stage":
+        raise MsifError(
+            f"cleanse measures the finetuned model, so it removes by multi-stage influence, but mode={cfg.mode} was "
+            "given.",
+            "Drop mode= (the default is mode=multi_stage).",
+        )
     if cfg.target.per_test:
         raise MsifError(
             "cleanse removes examples harmful to one summed target L_T, but target.per_test=true was given.",

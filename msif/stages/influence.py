@@ -18,11 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 from msif.console import console, say, table
 from msif.data import Examples, Tasks
 from msif.errors import MsifError
-from msif.influence import METHODS, MultiStageInfluence
+from msif.influence import METHODS, MultiStageInfluence, SingleStageInfluence
 from msif.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from msif.runs import influence_run
 from msif.stages.common import Trained, read_json, setup
 from msif.stages.finetune import ensure_finetuned
+from msif.stages.pretrain import ensure_pretrained
 
 TARGET_KINDS = ("test_set", "indices", "misclassified")
 
@@ -38,7 +39,11 @@ def influence(cfg: DictConfig, tasks: Tasks | None = None) -> InfluenceResult:
     """Compute (or reuse) the influence table these settings name."""
     _check_settings(cfg)
     env = setup(cfg, tasks)
-    pre, fin = ensure_finetuned(cfg, env.tasks)
+    single = is_single_stage(cfg)
+    if single:  # classic one-model influence on the pretrained network: no finetune stage involved
+        pre = fin = ensure_pretrained(cfg, env.tasks)
+    else:
+        pre, fin = ensure_finetuned(cfg, env.tasks)
     run = influence_run(cfg, fin.run)
     if run.complete and not cfg.force:
         say(f"influence: reusing the finished run {run.path} (same settings; force=true recomputes)")
@@ -49,16 +54,20 @@ def influence(cfg: DictConfig, tasks: Tasks | None = None) -> InfluenceResult:
         return InfluenceResult(run.path, scores, summary)
 
     start = time.perf_counter()
-    pre_set, test = env.tasks.pretrain.train, env.tasks.finetune.test
+    pre_set, test = env.tasks.pretrain.train, target_set(cfg, env.tasks)
     pred = predict(fin, test, env.device, cfg.train.eval_batch_size)
     targets = select_targets(cfg.target, test, pred)
     score_rows = select_rows(cfg.score.indices, len(pre_set))
     say(
-        f"influence ({cfg.case.name}): {cfg.dataset.name}, m={len(pre_set):,} pretraining examples "
+        f"influence ({label(cfg)}): {cfg.dataset.name}, m={len(pre_set):,} pretraining examples "
         f"({len(score_rows):,} scored), target T = {len(targets):,} test points ({cfg.target.kind}"
         f"{', per test point' if cfg.target.per_test else ', summed'}), solver {cfg.solver.pretrain.method}"
     )
-    msi = build_influence(cfg, pre, fin, env.tasks, env.device)
+    msi = (
+        build_single_stage(cfg, pre, env.tasks, env.device)
+        if single
+        else build_influence(cfg, pre, fin, env.tasks, env.device)
+    )
     x_T, y_T = test.x[targets], test.y[targets]
     chunk = int(cfg.target.chunk) if cfg.target.per_test else len(targets)
     blocks = []
@@ -72,11 +81,12 @@ def influence(cfg: DictConfig, tasks: Tasks | None = None) -> InfluenceResult:
     _write_parquet(frame, run.path / "scores.parquet")
     summary = {
         "stage": "influence",
-        "case": cfg.case.name,
-        "alpha": cfg.case.get("alpha") if cfg.case.name == "updated" else None,
+        "mode": cfg.mode,
+        "case": None if single else cfg.case.name,
+        "alpha": cfg.case.get("alpha") if cfg.case.name == "updated" and not single else None,
         "dataset": cfg.dataset.name,
         "m": len(pre_set),
-        "n": len(env.tasks.finetune.train),
+        "n": None if single else len(env.tasks.finetune.train),
         "scored": len(score_rows),
         "target": {
             "kind": cfg.target.kind,
@@ -85,7 +95,7 @@ def influence(cfg: DictConfig, tasks: Tasks | None = None) -> InfluenceResult:
             "test_indices": targets.tolist() if len(targets) <= 1000 else None,
         },
         "parameters": msi.parameter_counts(),
-        "hessian_sample": {"pretrain": len(msi.hessian_index), "finetune": msi.H_F.n},
+        "hessian_sample": {"pretrain": len(msi.hessian_index), "finetune": None if single else msi.H_F.n},
         "seconds": {k: round(v, 3) for k, v in msi.trace.seconds.items()}
         | {"total": round(time.perf_counter() - start, 3)},
         "solves": [r.as_dict() for r in msi.trace.solves],
@@ -93,8 +103,9 @@ def influence(cfg: DictConfig, tasks: Tasks | None = None) -> InfluenceResult:
         "settings": run.settings,
         "device": str(env.device),
         "pretrain_run": str(pre.run.path),
-        "finetune_run": str(fin.run.path),
-        "finetune_test_accuracy": fin.metrics.get("test", {}).get("accuracy"),
+        "finetune_run": None if single else str(fin.run.path),
+        "finetune_test_accuracy": None if single else fin.metrics.get("test", {}).get("accuracy"),
+        "target_test_accuracy": fin.metrics.get("test", {}).get("accuracy"),
     }
     _write_extras(cfg, run.path, frame, env.tasks, summary)
     atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), run.path / "config.yaml")
@@ -121,7 +132,38 @@ def build_influence(cfg: DictConfig, pre: Trained, fin: Trained, tasks: Tasks, d
     )
 
 
+MODES = ("multi_stage", "single_stage")
+
+
+def is_single_stage(cfg: DictConfig) -> bool:
+    return cfg.get("mode", "multi_stage") == "single_stage"
+
+
+def label(cfg: DictConfig) -> str:
+    return "single-stage" if is_single_stage(cfg) else f"case {cfg.case.name}"
+
+
+def target_set(cfg: DictConfig, tasks: Tasks) -> Examples:
+    """The test set T is drawn from: the finetune task's (multi-stage) or the pretraining task's (single-stage)."""
+    return tasks.pretrain.test if is_single_stage(cfg) else tasks.finetune.test
+
+
+def build_single_stage(cfg: DictConfig, pre: Trained, tasks: Tasks, device) -> SingleStageInfluence:
+    """Classic influence of the pretraining examples on the pretrained network's own test loss (Koh & Liang)."""
+    return SingleStageInfluence(
+        pre.net,
+        tasks.pretrain.train,
+        solver=OmegaConf.to_container(cfg.solver.pretrain, resolve=True),
+        hessian_sample=cfg.hessian.pretrain_sample,
+        sample_seed=cfg.hessian.seed,
+        batch_size=cfg.hessian.batch_size,
+        device=device,
+    )
+
+
 def _check_settings(cfg: DictConfig) -> None:
+    if cfg.get("mode", "multi_stage") not in MODES:
+        raise MsifError(f"Unknown influence mode '{cfg.mode}'.", f"Use mode= one of {list(MODES)}.")
     for side in ("finetune", "pretrain"):
         method = cfg.solver[side].get("method")
         if method not in METHODS:
@@ -250,10 +292,9 @@ def _write_extras(
 
     if wanted("score_histogram.png"):
         title = (
-            f"{cfg.dataset.name}, case {cfg.case.name}: influence of {summary.get('scored', len(frame)):,} "
-            "pretraining examples"
+            f"{cfg.dataset.name}, {label(cfg)}: influence of {summary.get('scored', len(frame)):,} pretraining examples"
         )
-        plots.score_histogram({f"case {cfg.case.name}": frame["score"].to_numpy()}, path / "score_histogram.png", title)
+        plots.score_histogram({label(cfg): frame["score"].to_numpy()}, path / "score_histogram.png", title)
     if len(tasks.input_shape) == 3 and wanted("influence_grid.png"):
         _grid(cfg, path, frame, tasks)
 
@@ -264,7 +305,7 @@ def _grid(cfg: DictConfig, path: Path, frame: pd.DataFrame, tasks: Tasks) -> Non
 
     norm = cfg.dataset.get("normalize")
     mean, std = (norm.mean, norm.std) if norm is not None else (None, None)
-    pre, test = tasks.pretrain.train, tasks.finetune.test
+    pre, test = tasks.pretrain.train, target_set(cfg, tasks)
 
     def cells(f: pd.DataFrame, kind: str) -> list:
         return [
@@ -301,7 +342,7 @@ def _grid(cfg: DictConfig, path: Path, frame: pd.DataFrame, tasks: Tasks) -> Non
     plots.influence_grid(
         rows,
         path / "influence_grid.png",
-        f"{cfg.dataset.name}, case {cfg.case.name}: pretraining images by influence on {what}",
+        f"{cfg.dataset.name}, {label(cfg)}: pretraining images by influence on {what}",
     )
 
 

@@ -44,6 +44,11 @@ class LooResult:
 
 def validate_loo(cfg: DictConfig, tasks: Tasks | None = None) -> LooResult:
     """Retrain without each selected example and compare the actual change of L_T with −I(z, T)/m."""
+    if cfg.get("mode", "multi_stage") != "multi_stage":
+        raise MsifError(
+            f"validate-loo retrains both stages, so it checks multi-stage influence, but mode={cfg.mode} was given.",
+            "Drop mode= (the default is mode=multi_stage).",
+        )
     if cfg.target.per_test:
         raise MsifError(
             "validate-loo measures one summed target L_T, but target.per_test=true was given.",
