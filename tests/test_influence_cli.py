@@ -136,3 +136,52 @@ def test_an_unconverged_solve_is_an_error_not_a_table(env, tmp_path):
 def test_influence_without_a_finetune_checkpoint_and_auto_upstream_off(env, tmp_path):
     ok(run_msif(["pretrain", *TINY], env))
     refused(run_msif(["influence", *TINY, "upstream.auto=false"], env), "no finetune checkpoint", "msif finetune")
+
+
+@pytest.mark.parametrize("per_test", [False, True])
+def test_an_interrupted_run_resumes_from_its_saved_parts_and_ends_with_the_same_table(
+    env, tmp_path, monkeypatch, per_test
+):
+    import shutil
+
+    overrides = [*TINY, "score.part_rows=32", "target.chunk=4", f"target.per_test={str(per_test).lower()}"]
+    if per_test:
+        overrides += ["target.kind=indices", "target.indices=[0,3,5,8,13,21]"]
+    reference = influence(compose_cfg("influence", overrides))
+    table = reference.scores.copy()
+    shutil.rmtree(reference.path)
+
+    from msif.influence.api import MultiStageInfluence
+
+    calls = {"score": 0}
+
+    original = MultiStageInfluence.score
+
+    def interrupted(self, S, indices=None):
+        calls["score"] += 1
+        if calls["score"] == 3:  # the third part: the run dies with two parts (and every solve) saved
+            raise KeyboardInterrupt
+        return original(self, S, indices)
+
+    monkeypatch.setattr(MultiStageInfluence, "score", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        influence(compose_cfg("influence", overrides))
+    partial = reference.path / "partial"
+    assert len(list(partial.glob("scores-*.pt"))) == 2 and not (reference.path / "summary.json").exists()
+    assert len(list(partial.glob("targets-*.pt"))) == (2 if per_test else 1)
+
+    solved = {"n": 0}
+    original_targets = MultiStageInfluence.target_vectors
+
+    def counted(self, *args, **kwargs):
+        solved["n"] += 1
+        return original_targets(self, *args, **kwargs)
+
+    monkeypatch.setattr(MultiStageInfluence, "target_vectors", counted)
+    calls["score"] = -100  # no more interruptions
+    resumed = influence(compose_cfg("influence", overrides))
+    assert solved["n"] == 0  # the saved solves are reused
+    assert calls["score"] == -100 + (len(table) // (6 if per_test else 1) + 31) // 32 - 2  # only the missing parts
+    pd.testing.assert_frame_equal(resumed.scores, table)
+    assert not partial.exists()
+    assert len(resumed.summary["solves"]) == len(reference.summary["solves"])

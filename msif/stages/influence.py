@@ -6,6 +6,7 @@ last: its presence marks a finished run), score_histogram.png and, for image dat
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,8 @@ from msif.console import console, say, table
 from msif.data import Examples, Tasks
 from msif.errors import MsifError
 from msif.influence import METHODS, MultiStageInfluence, SingleStageInfluence
-from msif.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from msif.influence.solvers import SolveReport
+from msif.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text
 from msif.runs import influence_run
 from msif.stages.common import Trained, read_json, setup
 from msif.stages.finetune import ensure_finetuned
@@ -30,9 +32,17 @@ TARGET_KINDS = ("test_set", "indices", "misclassified")
 
 @dataclass
 class InfluenceResult:
+    """A finished influence run: its folder, its summary, and the score table (read from disk when first used)."""
+
     path: Path
-    scores: pd.DataFrame
     summary: dict
+    frame: pd.DataFrame | None = None
+
+    @property
+    def scores(self) -> pd.DataFrame:
+        if self.frame is None:
+            self.frame = pd.read_parquet(self.path / "scores.parquet")
+        return self.frame
 
 
 def influence(cfg: DictConfig, tasks: Tasks | None = None) -> InfluenceResult:
@@ -47,11 +57,10 @@ def influence(cfg: DictConfig, tasks: Tasks | None = None) -> InfluenceResult:
     run = influence_run(cfg, fin.run)
     if run.complete and not cfg.force:
         say(f"influence: reusing the finished run {run.path} (same settings; force=true recomputes)")
-        scores = pd.read_parquet(run.path / "scores.parquet")
-        summary = read_json(run.path / "summary.json")
-        _write_extras(cfg, run.path, scores, env.tasks, summary, fresh=False)
-        _report(cfg, scores, summary, run.path)
-        return InfluenceResult(run.path, scores, summary)
+        result = InfluenceResult(run.path, read_json(run.path / "summary.json"))
+        _write_extras(cfg, run.path, result.scores, env.tasks, result.summary, fresh=False)
+        _report(cfg, result.scores, result.summary, run.path)
+        return result
 
     start = time.perf_counter()
     pre_set, test = env.tasks.pretrain.train, target_set(cfg, env.tasks)
@@ -68,16 +77,11 @@ def influence(cfg: DictConfig, tasks: Tasks | None = None) -> InfluenceResult:
         if single
         else build_influence(cfg, pre, fin, env.tasks, env.device)
     )
-    x_T, y_T = test.x[targets], test.y[targets]
-    chunk = int(cfg.target.chunk) if cfg.target.per_test else len(targets)
-    blocks = []
-    for i in range(0, len(targets), chunk):
-        S = msi.target_vectors(x_T[i : i + chunk], y_T[i : i + chunk], per_test=bool(cfg.target.per_test))
-        blocks.append(msi.score(S, score_rows))
-    scores = torch.cat(blocks, dim=1)  # (rows, K)
+    partial = run.path / "partial"  # solved vectors and score parts of an unfinished run: a rerun resumes from them
+    partial.mkdir(parents=True, exist_ok=True)
+    S = solve_targets(cfg, msi, test.x[targets], test.y[targets], partial)
+    scores = score_in_parts(msi, S, score_rows, int(cfg.score.part_rows), partial)  # (rows, K)
     frame = score_table(scores, score_rows, pre_set, targets if cfg.target.per_test else None, test, pred)
-
-    run.path.mkdir(parents=True, exist_ok=True)
     _write_parquet(frame, run.path / "scores.parquet")
     summary = {
         "stage": "influence",
@@ -110,8 +114,49 @@ def influence(cfg: DictConfig, tasks: Tasks | None = None) -> InfluenceResult:
     _write_extras(cfg, run.path, frame, env.tasks, summary)
     atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), run.path / "config.yaml")
     atomic_write_json(summary, run.path / "summary.json")  # last: marks the run finished
+    shutil.rmtree(partial, ignore_errors=True)
     _report(cfg, frame, summary, run.path)
-    return InfluenceResult(run.path, frame, summary)
+    return InfluenceResult(run.path, summary, frame)
+
+
+def solve_targets(cfg: DictConfig, msi, x_T: torch.Tensor, y_T: torch.Tensor, partial: Path) -> torch.Tensor:
+    """The solved vectors s (K, p) for the targets, in blocks of `target.chunk` test points (per-test) or one
+    (summed). Each block is saved in `partial/` with its timings and solver reports as it is solved, so an
+    interrupted run resumes without solving it again."""
+    per_test = bool(cfg.target.per_test)
+    chunk = int(cfg.target.chunk) if per_test else len(y_T)
+    blocks = []
+    for j, i in enumerate(range(0, len(y_T), chunk)):
+        file = partial / f"targets-{j:05d}.pt"
+        if file.exists():
+            saved = torch.load(file, map_location="cpu", weights_only=True)
+            for step, sec in saved["seconds"].items():
+                msi.trace.seconds[step] = msi.trace.seconds.get(step, 0.0) + sec
+            msi.trace.solves.extend(SolveReport(**r) for r in saved["solves"])
+            blocks.append(saved["S"].to(msi.device))
+            continue
+        before, solves0 = dict(msi.trace.seconds), len(msi.trace.solves)
+        S = msi.target_vectors(x_T[i : i + chunk], y_T[i : i + chunk], per_test=per_test)
+        seconds = {k: v - before.get(k, 0.0) for k, v in msi.trace.seconds.items()}
+        solves = [dict(r.__dict__) for r in msi.trace.solves[solves0:]]
+        atomic_torch_save({"S": S.detach().cpu(), "seconds": seconds, "solves": solves}, file)
+        blocks.append(S)
+    return torch.cat(blocks)
+
+
+def score_in_parts(msi, S: torch.Tensor, rows: torch.Tensor, part_rows: int, partial: Path) -> torch.Tensor:
+    """Scores (len(rows), K), computed `part_rows` pretraining examples at a time; each part is saved in `partial/`
+    when done (a rerun skips the finished parts), so an interruption loses at most one part of work."""
+    out = []
+    for j, i in enumerate(range(0, len(rows), part_rows)):
+        file = partial / f"scores-{j:05d}.pt"
+        if file.exists():
+            out.append(torch.load(file, map_location="cpu", weights_only=True)["scores"])
+            continue
+        part = msi.score(S, rows[i : i + part_rows])
+        atomic_torch_save({"scores": part, "rows": rows[i : i + part_rows].clone()}, file)
+        out.append(part)
+    return torch.cat(out)
 
 
 def build_influence(cfg: DictConfig, pre: Trained, fin: Trained, tasks: Tasks, device) -> MultiStageInfluence:
@@ -367,7 +412,8 @@ def _report(cfg: DictConfig, frame: pd.DataFrame, summary: dict, path: Path) -> 
     )
     solves = summary.get("solves", [])
     sec = summary.get("seconds", {})
-    steps = ["gradients", "ihvp1", "mixed_term", "ihvp2", "scoring", "total"]
+    order = ["gradients", "ihvp1", "mixed_term", "ihvp2", "ihvp", "scoring", "total"]
+    steps = [k for k in order if k in sec] or order
     console.print(table("timings (s)", steps, [[f"{sec.get(s, 0.0):.2f}" for s in steps]]))
     if solves:
         console.print(
