@@ -8,6 +8,7 @@ Errors meant for users (MsifError) are printed as one paragraph, without a trace
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,9 @@ STAGES = {
         "run the paper's experiments (plan=cpu|paper|tiny) and write REPORT.md", "msif.stages.reproduce:reproduce"
     ),
 }
+
+
+DISTRIBUTED = ("influence",)  # the stages that shard their work under torchrun (msif/distributed.py)
 
 
 def usage() -> str:
@@ -78,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     if stage is None:
         print_error(
             f"'{name}' is not an msif stage. The stages are: {', '.join(STAGES)}. Run `msif --help` for what each does."
+        )
+        return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and name not in DISTRIBUTED:
+        print_error(
+            f"`msif {name}` runs in one process, but it was started by torchrun with WORLD_SIZE="
+            f"{os.environ['WORLD_SIZE']}. Under torchrun msif shards `msif influence`; run the other stages without "
+            "torchrun (validate-loo spreads its retrains over loo.workers processes)."
         )
         return 2
     return run_stage(name, stage.entry, rest)

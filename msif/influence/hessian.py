@@ -12,6 +12,7 @@ import time
 import torch
 from torch.func import grad, jvp, vmap
 
+from msif import distributed
 from msif.influence.params import FlatLoss
 
 
@@ -43,7 +44,7 @@ class Hessian:
         """H @ v for every row v of V (K, p) -> (K, p)."""
         start = time.perf_counter()
         out = torch.zeros_like(V)
-        for x, y in self.batches:
+        for x, y in distributed.shard(self.batches):  # under torchrun each process sums its share, then all-reduce
 
             def batch_grad(q, x=x, y=y):
                 return grad(self.loss)(q, x, y)
@@ -54,6 +55,7 @@ class Hessian:
             for i in range(0, len(V), self.chunk):
                 block = V[i : i + self.chunk]
                 out[i : i + self.chunk] += hvp(block[0]).unsqueeze(0) if len(block) == 1 else vmap(hvp)(block)
+        distributed.all_reduce_sum(out)
         out /= self.n
         if self.shift is not None:
             out += self.shift * V

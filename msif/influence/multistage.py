@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import grad, vmap
 
+from msif import distributed
 from msif.influence.hessian import Hessian
 from msif.influence.params import FlatLoss, ParamSpace
 from msif.influence.solvers import SolveReport, solve
@@ -52,15 +53,19 @@ def target_gradient(
     loss: FlatLoss, point: torch.Tensor, x_T: torch.Tensor, y_T: torch.Tensor, per_test: bool, batch_size: int
 ) -> torch.Tensor:
     """Step 1: ∇ L_T at `point`, L_T = Σ_{t∈T} f(t). One row (1, p), or one row per test point (|T|, p)."""
-    rows = []
-    for i in range(0, len(y_T), batch_size):
-        x, y = x_T[i : i + batch_size], y_T[i : i + batch_size]
-        if per_test:
-            rows.append(vmap(grad(loss), in_dims=(None, 0, 0))(point, x.unsqueeze(1), y.unsqueeze(1)))
-        else:
-            rows.append(grad(loss)(point, x, y).unsqueeze(0))
-    G = torch.cat(rows)
-    return G if per_test else G.sum(0, keepdim=True)
+    starts = list(range(0, len(y_T), batch_size))
+    if per_test:
+        rows = [
+            vmap(grad(loss), in_dims=(None, 0, 0))(
+                point, x_T[i : i + batch_size].unsqueeze(1), y_T[i : i + batch_size].unsqueeze(1)
+            )
+            for i in starts
+        ]
+        return torch.cat(rows)
+    total = torch.zeros(1, point.numel(), dtype=point.dtype, device=point.device)
+    for i in distributed.shard(starts):  # under torchrun: each process its share of T, then all-reduce
+        total[0] += grad(loss)(point, x_T[i : i + batch_size], y_T[i : i + batch_size])
+    return distributed.all_reduce_sum(total)
 
 
 def ihvp1(H_F: Hessian, V: torch.Tensor, settings) -> tuple[torch.Tensor, SolveReport]:

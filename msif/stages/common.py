@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from msif import distributed
 from msif.config import resolve_device, resolve_dtype, validate_config
-from msif.console import say
+from msif.console import console, say
 from msif.data import Tasks, build_tasks
 from msif.errors import MsifError
 from msif.models import TwoStageNet
@@ -39,7 +40,10 @@ class Setup:
 def setup(cfg: DictConfig, tasks: Tasks | None = None) -> Setup:
     validate_config(cfg)
     dtype = resolve_dtype(cfg.dtype)
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(resolve_device(cfg.device))
+    distributed.init(device)  # under torchrun: join the process group (no-op otherwise)
+    if not distributed.is_main():
+        console.quiet = True  # one process prints
     if tasks is None:
         tasks = build_tasks(cfg.dataset, cfg.cache_dir, dtype)
     return Setup(device, dtype, tasks)

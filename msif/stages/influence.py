@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from msif import distributed
 from msif.console import console, say, table
 from msif.data import Examples, Tasks
 from msif.errors import MsifError
@@ -50,12 +51,15 @@ def influence(cfg: DictConfig, tasks: Tasks | None = None) -> InfluenceResult:
     _check_settings(cfg)
     env = setup(cfg, tasks)
     single = is_single_stage(cfg)
-    if single:  # classic one-model influence on the pretrained network: no finetune stage involved
-        pre = fin = ensure_pretrained(cfg, env.tasks)
-    else:
-        pre, fin = ensure_finetuned(cfg, env.tasks)
+    with distributed.main_first():  # under torchrun, process 0 makes a missing upstream stage; the others load it
+        if single:  # classic one-model influence on the pretrained network: no finetune stage involved
+            pre = fin = ensure_pretrained(cfg, env.tasks)
+        else:
+            pre, fin = ensure_finetuned(cfg, env.tasks)
     run = influence_run(cfg, fin.run)
-    if run.complete and not cfg.force:
+    if distributed.broadcast_from_main(run.complete and not cfg.force):
+        if not distributed.is_main():
+            return InfluenceResult(run.path, read_json(run.path / "summary.json"))
         say(f"influence: reusing the finished run {run.path} (same settings; force=true recomputes)")
         result = InfluenceResult(run.path, read_json(run.path / "summary.json"))
         _write_extras(cfg, run.path, result.scores, env.tasks, result.summary, fresh=False)
@@ -80,7 +84,10 @@ def influence(cfg: DictConfig, tasks: Tasks | None = None) -> InfluenceResult:
     partial = run.path / "partial"  # solved vectors and score parts of an unfinished run: a rerun resumes from them
     partial.mkdir(parents=True, exist_ok=True)
     S = solve_targets(cfg, msi, test.x[targets], test.y[targets], partial)
-    scores = score_in_parts(msi, S, score_rows, int(cfg.score.part_rows), partial)  # (rows, K)
+    scores = score_in_parts(msi, S, score_rows, int(cfg.score.part_rows), partial)  # (rows, K); None off process 0
+    if not distributed.is_main():
+        distributed.barrier()  # until process 0 has written the table
+        return InfluenceResult(run.path, read_json(run.path / "summary.json"))
     frame = score_table(scores, score_rows, pre_set, targets if cfg.target.per_test else None, test, pred)
     _write_parquet(frame, run.path / "scores.parquet")
     summary = {
@@ -106,6 +113,7 @@ def influence(cfg: DictConfig, tasks: Tasks | None = None) -> InfluenceResult:
         "score_stats": _stats(frame["score"].to_numpy()),
         "settings": run.settings,
         "device": str(env.device),
+        "processes": distributed.world_size(),
         "pretrain_run": str(pre.run.path),
         "finetune_run": None if single else str(fin.run.path),
         "finetune_test_accuracy": None if single else fin.metrics.get("test", {}).get("accuracy"),
@@ -115,6 +123,7 @@ def influence(cfg: DictConfig, tasks: Tasks | None = None) -> InfluenceResult:
     atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), run.path / "config.yaml")
     atomic_write_json(summary, run.path / "summary.json")  # last: marks the run finished
     shutil.rmtree(partial, ignore_errors=True)
+    distributed.barrier()
     _report(cfg, frame, summary, run.path)
     return InfluenceResult(run.path, summary, frame)
 
@@ -128,7 +137,7 @@ def solve_targets(cfg: DictConfig, msi, x_T: torch.Tensor, y_T: torch.Tensor, pa
     blocks = []
     for j, i in enumerate(range(0, len(y_T), chunk)):
         file = partial / f"targets-{j:05d}.pt"
-        if file.exists():
+        if distributed.broadcast_from_main(file.exists()):  # every process takes the same branch
             saved = torch.load(file, map_location="cpu", weights_only=True)
             for step, sec in saved["seconds"].items():
                 msi.trace.seconds[step] = msi.trace.seconds.get(step, 0.0) + sec
@@ -139,24 +148,31 @@ def solve_targets(cfg: DictConfig, msi, x_T: torch.Tensor, y_T: torch.Tensor, pa
         S = msi.target_vectors(x_T[i : i + chunk], y_T[i : i + chunk], per_test=per_test)
         seconds = {k: v - before.get(k, 0.0) for k, v in msi.trace.seconds.items()}
         solves = [dict(r.__dict__) for r in msi.trace.solves[solves0:]]
-        atomic_torch_save({"S": S.detach().cpu(), "seconds": seconds, "solves": solves}, file)
+        if distributed.is_main():
+            atomic_torch_save({"S": S.detach().cpu(), "seconds": seconds, "solves": solves}, file)
         blocks.append(S)
     return torch.cat(blocks)
 
 
 def score_in_parts(msi, S: torch.Tensor, rows: torch.Tensor, part_rows: int, partial: Path) -> torch.Tensor:
     """Scores (len(rows), K), computed `part_rows` pretraining examples at a time; each part is saved in `partial/`
-    when done (a rerun skips the finished parts), so an interruption loses at most one part of work."""
-    out = []
-    for j, i in enumerate(range(0, len(rows), part_rows)):
-        file = partial / f"scores-{j:05d}.pt"
+    when done (a rerun skips the finished parts), so an interruption loses at most one part of work. Under torchrun
+    process r scores parts r, r + N, ...; process 0 gathers them and returns the whole (the others return None)."""
+    starts = list(range(0, len(rows), part_rows))
+    mine = {}
+    for j in distributed.shard(list(range(len(starts)))):
+        i, file = starts[j], partial / f"scores-{j:05d}.pt"
         if file.exists():
-            out.append(torch.load(file, map_location="cpu", weights_only=True)["scores"])
+            mine[j] = torch.load(file, map_location="cpu", weights_only=True)["scores"]
             continue
         part = msi.score(S, rows[i : i + part_rows])
         atomic_torch_save({"scores": part, "rows": rows[i : i + part_rows].clone()}, file)
-        out.append(part)
-    return torch.cat(out)
+        mine[j] = part
+    gathered = distributed.gather_to_main(mine)
+    if gathered is None:
+        return None
+    parts = {j: t for d in gathered for j, t in d.items()}
+    return torch.cat([parts[j] for j in range(len(starts))])
 
 
 def build_influence(cfg: DictConfig, pre: Trained, fin: Trained, tasks: Tasks, device) -> MultiStageInfluence:
