@@ -116,3 +116,24 @@ def test_multi_stage_only_stages_refuse_single_stage_mode(env, stage):
     fn = validate_loo if stage == "validate-loo" else cleanse
     with pytest.raises(MsifError, match="mode=single_stage"):
         fn(compose_cfg(stage, ["dataset=tiny", "mode=single_stage"]))
+
+
+@pytest.mark.parametrize("method", ["jvp", "per_example", "auto"])
+def test_every_scoring_method_gives_the_explicit_per_test_scores(problem, method):
+    x, y, x_T, y_T, theta, objective, net = problem
+    ssi = SingleStageInfluence(
+        net, (x, y), solver={"method": "exact", "damping": MU}, hessian_sample=None, batch_size=16, score_method=method
+    )
+    scores = ssi.influence(x_T[:7], y_T[:7], per_test=True)
+    H = hessian(objective)(theta)
+    per_example = torch.stack(
+        [grad(lambda t, i=i: F.cross_entropy(logits(t, x[i : i + 1]), y[i : i + 1]))(theta) for i in range(len(y))]
+    )
+    targets = torch.stack(
+        [grad(lambda t, k=k: F.cross_entropy(logits(t, x_T[k : k + 1]), y_T[k : k + 1]))(theta) for k in range(7)]
+    )
+    expected = -(per_example @ torch.linalg.solve(H, targets.T))
+    assert torch.allclose(scores, expected, rtol=1e-8, atol=1e-10 * expected.abs().max())
+    assert ssi.trace.scoring["method"] in ("jvp", "per_example")
+    if method == "auto":
+        assert set(ssi.trace.scoring["measured_seconds"]) == {"jvp", "per_example"}

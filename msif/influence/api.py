@@ -90,12 +90,14 @@ class MultiStageInfluence:
         sample_seed: int = 0,
         batch_size: int = 256,
         device: str | torch.device | None = None,
+        score_method: str = "auto",
     ):
         if case not in CASES:
             raise MsifError(f"Unknown finetune case '{case}'.", "Use case='fixed' or case='updated'.")
         self.case, self.alpha = case, float(alpha)
         self.solver = solver or default_solver()
         self.batch_size = batch_size
+        self.score_method = score_method  # msif.influence.scoring: auto | jvp | per_example
         self.device = torch.device(device) if device is not None else next(pretrain_net.parameters()).device
         self.pretrain_net = copy.deepcopy(pretrain_net).to(self.device).eval()
         self.finetune_net = copy.deepcopy(finetune_net).to(self.device).eval()
@@ -182,6 +184,8 @@ class MultiStageInfluence:
                 self.batch_size,
                 self.device,
                 lambda k: bar.advance(task, k),
+                method=self.score_method,
+                chosen=self.trace.scoring,
             )
 
     def influence(

@@ -35,6 +35,7 @@ class Trace:
 
     seconds: dict[str, float] = field(default_factory=dict)
     solves: list[SolveReport] = field(default_factory=list)
+    scoring: dict = field(default_factory=dict)  # how the examples were scored (method, measured seconds)
 
     def timed(self, step: str):
         trace = self

@@ -1,12 +1,19 @@
 """Step 5: I(z, T) = −⟨s, ∇_{(W,U)} g(z)⟩ for every pretraining example z, batch by batch.
 
-One target (K = 1): a forward-mode directional derivative of the per-example loss vector along s gives a whole
-batch of scores in one pass (torch.func.jvp), with no per-example gradient ever stored. Several targets (K > 1):
-per-example gradients of the batch (torch.func.vmap of grad) contracted with the K solved vectors at once.
+Two ways to score a batch against K solved vectors, with the same numbers (up to rounding):
+
+* `jvp`: forward-mode directional derivatives of the per-example loss vector along each s (torch.func.jvp, vmapped
+  over the K directions): no per-example gradient is ever stored; cost grows with K.
+* `per_example`: per-example gradients of the batch (torch.func.vmap of grad) contracted with all K vectors at once:
+  one backward-sized pass whatever K, memory batch × parameters.
+
+`method="auto"` uses jvp for one target, and for several times both on the first batch and keeps the faster (the
+choice is reported); pin it with score.method=jvp|per_example when bit-identical reruns across machines matter.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -16,6 +23,9 @@ from msif.influence.params import FlatLoss
 
 # per-example gradients are formed for at most this many (example x parameter) entries at a time
 PER_EXAMPLE_BUDGET = 2**25
+
+
+METHODS = ("auto", "jvp", "per_example")
 
 
 def score_examples(
@@ -28,20 +38,48 @@ def score_examples(
     batch_size: int,
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
+    method: str = "auto",
+    chosen: dict | None = None,
 ) -> torch.Tensor:
-    """Scores (m, K): −⟨S_k, ∇g(z_i)⟩ for each example i of (x, y) and each row S_k."""
+    """Scores (m, K): −⟨S_k, ∇g(z_i)⟩ for each example i of (x, y) and each row S_k. `chosen` (a dict) receives
+    the method used and, for auto, the measured seconds of both on the first batch."""
     K = len(S)
     out = torch.empty(len(y), K, dtype=S.dtype)
-    if K > 1:
-        batch_size = max(1, min(batch_size, PER_EXAMPLE_BUDGET // max(1, point.numel())))
+    pe_batch = max(1, min(batch_size, PER_EXAMPLE_BUDGET // max(1, point.numel())))
+
+    def by_jvp(xb, yb):
+        def directional(s):
+            return jvp(lambda q: per_example(q, xb, yb), (point,), (s,))[1]
+
+        return (directional(S[0]).unsqueeze(1) if K == 1 else vmap(directional)(S).T).detach()
+
+    def by_grads(xb, yb):
+        rows = []
+        for j in range(0, len(yb), pe_batch):
+            g = vmap(grad(summed), in_dims=(None, 0, 0))(
+                point, xb[j : j + pe_batch].unsqueeze(1), yb[j : j + pe_batch].unsqueeze(1)
+            )
+            rows.append(g @ S.T)
+        return torch.cat(rows).detach()
+
+    ways = {"jvp": by_jvp, "per_example": by_grads}
+    use = "jvp" if method == "auto" and K == 1 else method
+    info = chosen if chosen is not None else {}
     for i in range(0, len(y), batch_size):
         xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
-        if K == 1:
-            _, directional = jvp(lambda q, xb=xb, yb=yb: per_example(q, xb, yb), (point,), (S[0],))
-            out[i : i + len(yb), 0] = -directional.detach().cpu()
+        if use == "auto":  # measure both on this first batch, keep the faster
+            seconds, blocks = {}, {}
+            for name, fn in ways.items():
+                start = time.perf_counter()
+                blocks[name] = fn(xb, yb)
+                seconds[name] = time.perf_counter() - start
+            use = min(seconds, key=seconds.get)
+            info["measured_seconds"] = seconds
+            block = blocks[use]
         else:
-            grads = vmap(grad(summed), in_dims=(None, 0, 0))(point, xb.unsqueeze(1), yb.unsqueeze(1))
-            out[i : i + len(yb)] = -(grads @ S.T).detach().cpu()
+            block = ways[use](xb, yb)
+        out[i : i + len(yb)] = -block.cpu()
         if on_batch is not None:
             on_batch(len(yb))
+    info["method"] = use
     return out

@@ -39,9 +39,11 @@ class SingleStageInfluence:
         sample_seed: int = 0,
         batch_size: int = 256,
         device: str | torch.device | None = None,
+        score_method: str = "auto",
     ):
         self.solver = solver or {"method": "cg_normal", "damping": 1e-2, "iterations": 100, "tol": 1e-6}
         self.batch_size = batch_size
+        self.score_method = score_method  # msif.influence.scoring: auto | jvp | per_example
         self.device = torch.device(device) if device is not None else next(net.parameters()).device
         self.net = copy.deepcopy(net).to(self.device).eval()
         self.x, self.y = as_tensors(train_data)
@@ -89,6 +91,8 @@ class SingleStageInfluence:
                 self.batch_size,
                 self.device,
                 lambda k: bar.advance(task, k),
+                method=self.score_method,
+                chosen=self.trace.scoring,
             )
 
     def influence(

@@ -21,6 +21,7 @@ from msif.console import console, say, table
 from msif.data import Examples, Tasks
 from msif.errors import MsifError
 from msif.influence import METHODS, MultiStageInfluence, SingleStageInfluence
+from msif.influence.scoring import METHODS as SCORE_METHODS
 from msif.influence.solvers import SolveReport
 from msif.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text
 from msif.runs import influence_run
@@ -110,6 +111,7 @@ def influence(cfg: DictConfig, tasks: Tasks | None = None) -> InfluenceResult:
         "seconds": {k: round(v, 3) for k, v in msi.trace.seconds.items()}
         | {"total": round(time.perf_counter() - start, 3)},
         "solves": [r.as_dict() for r in msi.trace.solves],
+        "scoring": msi.trace.scoring,
         "score_stats": _stats(frame["score"].to_numpy()),
         "settings": run.settings,
         "device": str(env.device),
@@ -190,6 +192,7 @@ def build_influence(cfg: DictConfig, pre: Trained, fin: Trained, tasks: Tasks, d
         sample_seed=cfg.hessian.seed,
         batch_size=cfg.hessian.batch_size,
         device=device,
+        score_method=cfg.score.method,
     )
 
 
@@ -219,6 +222,7 @@ def build_single_stage(cfg: DictConfig, pre: Trained, tasks: Tasks, device) -> S
         sample_seed=cfg.hessian.seed,
         batch_size=cfg.hessian.batch_size,
         device=device,
+        score_method=cfg.score.method,
     )
 
 
@@ -232,6 +236,8 @@ def _check_settings(cfg: DictConfig) -> None:
                 f"Unknown IHVP solver '{method}' (solver.{side}.method).",
                 f"Use one of {list(METHODS)}: solver=<name> for both Hessians, or solver.{side}.method=<name>.",
             )
+    if cfg.score.method not in SCORE_METHODS:
+        raise MsifError(f"Unknown score.method '{cfg.score.method}'.", f"Use one of {list(SCORE_METHODS)}.")
     if cfg.target.kind not in TARGET_KINDS:
         raise MsifError(f"Unknown target kind '{cfg.target.kind}'.", f"Use target.kind= one of {list(TARGET_KINDS)}.")
 
