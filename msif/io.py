@@ -64,3 +64,28 @@ def append_csv_row(csv: Path, columns: list[str], row: dict) -> None:
         fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+KEEP = (
+    "The file is kept as it is: move it away (or delete it) to start these retrains over, or restore it, then rerun "
+    "the same command."
+)
+
+
+def read_resumable_csv(csv: Path, columns: list[str]):
+    """A table written by `append_csv_row`, checked to be whole: every line complete, readable, with `columns`.
+    A file that is not is refused (MsifError) and left as it is."""
+    import pandas as pd
+
+    from msif.errors import MsifError
+
+    text = csv.read_text()
+    if text and not text.endswith("\n"):
+        raise MsifError(f"{csv} ends in the middle of a line, so its last retrain was not written completely.", KEEP)
+    try:
+        frame = pd.read_csv(csv)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise MsifError(f"{csv} is not a readable CSV table ({str(err).splitlines()[0]}).", KEEP) from None
+    if list(frame.columns) != columns:
+        raise MsifError(f"{csv} has the columns {list(frame.columns)}, not the {columns} this run writes.", KEEP)
+    return frame

@@ -19,12 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from msif.console import progress
 from msif.errors import MsifError
 from msif.influence.hessian import Hessian
 from msif.influence.multistage import Trace, ihvp1, ihvp2, mixed_term, pad_to_pretrain_space, target_gradient
-from msif.influence.params import ParamSpace, network_space, per_example_loss, summed_loss
-from msif.influence.scoring import score_examples
+from msif.influence.params import ParamSpace, network_space, summed_loss
+from msif.influence.scoring import score_network
 from msif.training import embed
 
 CASES = ("fixed", "updated")
@@ -172,20 +171,19 @@ class MultiStageInfluence:
         """I(z, T) = −⟨s, ∇g(z)⟩ for the pretraining examples `indices` (all when None): (len, K)."""
         idx = torch.arange(self.m) if indices is None else torch.as_tensor(indices)
         x, y = self.x_pre[idx], self.y_pre[idx]
-        with self.trace.timed("scoring"), progress(transient=True) as bar:
-            task = bar.add_task("scoring pretraining examples", total=len(idx), info="")
-            return score_examples(
-                per_example_loss(self.pretrain_net, self.pre_space),
-                summed_loss(self.pretrain_net, self.pre_space),
+        with self.trace.timed("scoring"):
+            return score_network(
+                self.pretrain_net,
+                self.pre_space,
                 self.pre_point,
-                S.detach(),
+                S,
                 x,
                 y,
                 self.batch_size,
                 self.device,
-                lambda k: bar.advance(task, k),
-                method=self.score_method,
-                chosen=self.trace.scoring,
+                self.score_method,
+                self.trace.scoring,
+                "pretraining examples",
             )
 
     def influence(

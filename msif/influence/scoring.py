@@ -83,3 +83,37 @@ def score_examples(
             on_batch(len(yb))
     info["method"] = use
     return out
+
+
+def score_network(
+    net,
+    space,
+    point: torch.Tensor,
+    S: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    method: str,
+    chosen: dict,
+    what: str,
+) -> torch.Tensor:
+    """`score_examples` for a network in its flat parameter space, with a (transient) progress bar."""
+    from msif.console import progress
+    from msif.influence.params import per_example_loss, summed_loss
+
+    with progress(transient=True) as bar:
+        task = bar.add_task(f"scoring {what}", total=len(y), info="")
+        return score_examples(
+            per_example_loss(net, space),
+            summed_loss(net, space),
+            point,
+            S.detach(),
+            x,
+            y,
+            batch_size,
+            device,
+            lambda k: bar.advance(task, k),
+            method=method,
+            chosen=chosen,
+        )

@@ -17,12 +17,11 @@ import copy
 import torch
 from torch import nn
 
-from msif.console import progress
 from msif.influence.api import _batches, _sample, as_tensors
 from msif.influence.hessian import Hessian
 from msif.influence.multistage import Trace, target_gradient
-from msif.influence.params import network_space, per_example_loss, summed_loss
-from msif.influence.scoring import score_examples
+from msif.influence.params import network_space, summed_loss
+from msif.influence.scoring import score_network
 from msif.influence.solvers import solve
 
 
@@ -79,20 +78,19 @@ class SingleStageInfluence:
     def score(self, S: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         """I(z, T) = −⟨s, ∇ℓ(z)⟩ for the training examples `indices` (all when None): (len, K)."""
         idx = torch.arange(self.m) if indices is None else torch.as_tensor(indices)
-        with self.trace.timed("scoring"), progress(transient=True) as bar:
-            task = bar.add_task("scoring training examples", total=len(idx), info="")
-            return score_examples(
-                per_example_loss(self.net, self.space),
-                summed_loss(self.net, self.space),
+        with self.trace.timed("scoring"):
+            return score_network(
+                self.net,
+                self.space,
                 self.point,
-                S.detach(),
+                S,
                 self.x[idx],
                 self.y[idx],
                 self.batch_size,
                 self.device,
-                lambda k: bar.advance(task, k),
-                method=self.score_method,
-                chosen=self.trace.scoring,
+                self.score_method,
+                self.trace.scoring,
+                "training examples",
             )
 
     def influence(

@@ -22,7 +22,7 @@ from msif.config import signature, to_plain
 from msif.console import console, say, table
 from msif.data import Tasks
 from msif.errors import MsifError
-from msif.io import append_csv_row, atomic_write_json, atomic_write_text
+from msif.io import KEEP, append_csv_row, atomic_write_json, atomic_write_text, read_resumable_csv
 from msif.stages.common import setup
 from msif.stages.finetune import ensure_finetuned
 from msif.stages.influence import influence
@@ -220,16 +220,10 @@ def _write_removed(file: Path, harmful: np.ndarray, randoms: dict, pre_set, scor
 def _read_finished(csv: Path) -> pd.DataFrame:
     if not csv.exists():
         return pd.DataFrame(columns=COLUMNS)
-    keep = "The file is kept as it is: move it away to start these retrains over, then rerun the same command."
-    text = csv.read_text()
-    if text and not text.endswith("\n"):
-        raise MsifError(f"{csv} ends in the middle of a line, so its last retrain was not written completely.", keep)
-    try:
-        frame = pd.read_csv(csv)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise MsifError(f"{csv} is not a readable CSV table ({str(err).splitlines()[0]}).", keep) from None
-    if list(frame.columns) != COLUMNS or not set(frame["condition"]) <= set(CONDITIONS):
-        raise MsifError(f"{csv} is not a cleanse table of this msif version (columns {list(frame.columns)}).", keep)
+    keep = KEEP
+    frame = read_resumable_csv(csv, COLUMNS)
+    if not set(frame["condition"]) <= set(CONDITIONS):
+        raise MsifError(f"{csv} has conditions other than {list(CONDITIONS)}.", keep)
     if frame.duplicated(["seed", "condition"]).any() or frame[COLUMNS[3:]].isna().any().any():
         raise MsifError(f"{csv} repeats a (seed, condition) row or has empty values.", keep)
     return frame

@@ -23,7 +23,7 @@ from msif.config import signature, to_plain
 from msif.console import console, progress, say, table
 from msif.data import Tasks
 from msif.errors import MsifError
-from msif.io import append_csv_row, atomic_write_json, atomic_write_text
+from msif.io import KEEP, append_csv_row, atomic_write_json, atomic_write_text, read_resumable_csv
 from msif.loo import Retrainer, correlation, select_examples
 from msif.stages.common import read_json, setup
 from msif.stages.finetune import ensure_finetuned
@@ -159,19 +159,8 @@ def read_finished(csv: Path, columns: list[str], selection: list[int]) -> pd.Dat
     """The retrains already in loo.csv; refuses (and keeps) a file that is not a complete table of this run."""
     if not csv.exists():
         return pd.DataFrame(columns=columns)
-    keep = (
-        "The file is kept as it is: move it away (or delete it) to start these retrains over, or restore it, "
-        "then rerun the same command."
-    )
-    text = csv.read_text()
-    if text and not text.endswith("\n"):
-        raise MsifError(f"{csv} ends in the middle of a line, so its last retrain was not written completely.", keep)
-    try:
-        frame = pd.read_csv(csv)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise MsifError(f"{csv} is not a readable CSV table ({str(err).splitlines()[0]}).", keep) from None
-    if list(frame.columns) != columns:
-        raise MsifError(f"{csv} has the columns {list(frame.columns)}, not the {columns} this run writes.", keep)
+    keep = KEEP
+    frame = read_resumable_csv(csv, columns)
     numeric = frame[["index", "score", "predicted_effect", "actual_effect"]]
     if numeric.isna().any().any() or not all(pd.api.types.is_numeric_dtype(t) for t in numeric.dtypes):
         raise MsifError(f"{csv} has empty or non-numeric values in its rows.", keep)
