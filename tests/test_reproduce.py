@@ -63,3 +63,22 @@ def test_the_study_configs_compose_for_every_stage(experiment, case, classes, n_
         expected_steps = base.train.finetune.steps * (3 if experiment == "finetune_15k" else 1)
         assert cfg.train.finetune.steps == expected_steps
         assert cfg.train.pretrain == base.train.pretrain
+
+
+@pytest.mark.parametrize("plan", ["cpu", "paper", "tiny"])
+def test_every_experiment_of_every_plan_composes_and_validates(plan):
+    from msif.config import validate_config
+    from msif.stages.reproduce import HANDLERS
+
+    cfg = compose_stage("reproduce", [f"plan={plan}"])
+    stages = {"loo": "validate-loo", "identity": "validate-loo", "per_test": "influence", "histograms": "influence"}
+    assert {e.id for e in cfg.plan.experiments} >= {"fig2a", "fig2c", "fig3", "fig4", "fig5", "fig6", "cleanse"}
+    for e in cfg.plan.experiments:
+        assert e.kind in HANDLERS
+        runs = e.runs.values() if e.kind == "histograms" else e.runs if e.kind == "per_test" else [e.overrides]
+        for overrides in runs:
+            run = compose_stage(
+                stages.get(e.kind, "cleanse"), [f"profile={cfg.plan.profile}", *cfg.plan.common, *overrides]
+            )
+            validate_config(run)
+            assert run.profile == cfg.plan.profile
