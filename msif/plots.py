@@ -132,8 +132,9 @@ def cleanse_bars(summary: dict, path: Path, title: str) -> None:
         ax.set_ylim(lo - pad, hi + pad)
         ax.set_xticks(xs, [labels[c] for c in conds], fontsize=8)
         ax.set_ylabel(f"finetune test {unit}", fontsize=8)
-        for x, mval in zip(xs, means, strict=True):
-            ax.annotate(f"{mval:.2f}" if scale > 1 else f"{mval:.4f}", (x, mval), ha="center", va="bottom", fontsize=7)
+        for x, mval, sval in zip(xs, means, stds, strict=True):
+            text = f"{mval:.2f} ± {sval:.2f}" if scale > 1 else f"{mval:.4f} ± {sval:.4f}"
+            ax.annotate(text, (x, lo - 0.6 * pad), ha="center", va="center", fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     _save(fig, path)
