@@ -7,7 +7,6 @@ scores; the control removes the same number of examples drawn at random.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from msif.data import Tasks
-from msif.training import evaluate, finetune_from, fit, train_pretrain_net
+from msif.training import evaluate, finetune_from, train_pretrain_net
 
 CONDITIONS = ("none", "harmful", "random")  # no removal, the top positive scores, the same number at random
 
@@ -74,27 +73,18 @@ def retrain_without(
     """
     start_time = time.perf_counter()
     keep = kept_rows(len(tasks.pretrain.train), removed)
-    if start == "scratch":
-        pre_net, _ = train_pretrain_net(cfg, tasks, seed, device, dtype, rows=keep, record=record)
-    else:
-        pre_net = copy.deepcopy(pretrained).to(device)
-        for p in pre_net.parameters():
-            p.requires_grad_(True)
-        seen: list = []
-        task = tasks.pretrain.train
-        fit(
-            pre_net,
-            list(pre_net.parameters()),
-            task.x[keep].to(device),
-            task.y[keep].to(device),
-            cfg.train.pretrain,
-            seed,
-            "pretrain (warm)",
-            steps=int(warm_steps),
-            record=seen,
-        )
-        if record is not None:
-            record.extend(keep[idx] for idx in seen)
+    warm = start == "warm"
+    pre_net, _ = train_pretrain_net(
+        cfg,
+        tasks,
+        seed,
+        device,
+        dtype,
+        rows=keep,
+        record=record,
+        start=pretrained if warm else None,
+        steps=int(warm_steps) if warm else None,
+    )
     bs = cfg.train.eval_batch_size
     pre_test = evaluate(pre_net, (tasks.pretrain.test.x.to(device), tasks.pretrain.test.y.to(device)), bs)
     fin_net, _ = finetune_from(cfg, tasks, pre_net.embedding, seed, device, dtype)

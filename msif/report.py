@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,7 +29,6 @@ class Entry:
     runs: list[str]
     note: str = ""
     wall: float = 0.0  # seconds this invocation spent on it (small when the runs were reused)
-    extra: dict = field(default_factory=dict)
 
 
 def _cell(text: str) -> str:

@@ -153,12 +153,19 @@ def train_pretrain_net(
     rows=None,
     record: list | None = None,
     show_progress: bool = True,
+    start: nn.Module | None = None,
+    steps: int | None = None,
 ):
-    """A freshly initialised (W, U) trained on the pretraining examples `rows` (all when None): (net, fit stats).
-
-    `record` receives each step's batch as rows of the pretraining set."""
+    """(W, U) trained on the pretraining examples `rows` (all when None) with the pretraining recipe, `steps` steps
+    (the recipe's when None): (net, fit stats). The network is freshly initialised from `seed`, or a copy of `start`
+    to continue training it. `record` receives each step's batch as rows of the pretraining set."""
     task = tasks.pretrain
-    net = build_pretrain_net(cfg.model, tasks.input_shape, task.num_classes, seed, dtype).to(device)
+    if start is None:
+        net = build_pretrain_net(cfg.model, tasks.input_shape, task.num_classes, seed, dtype).to(device)
+    else:
+        net = copy.deepcopy(start).to(device)
+        for p in net.parameters():
+            p.requires_grad_(True)
     x, y = task.train.x, task.train.y
     if rows is not None:
         x, y = x[rows], y[rows]
@@ -170,7 +177,8 @@ def train_pretrain_net(
         y.to(device),
         cfg.train.pretrain,
         seed,
-        "pretrain",
+        "pretrain" if start is None else "pretrain (continued)",
+        steps=steps,
         record=steps_seen,
         show_progress=show_progress,
     )

@@ -25,7 +25,7 @@ from msif.errors import MsifError
 from msif.io import KEEP, append_csv_row, atomic_write_json, atomic_write_text, read_resumable_csv
 from msif.stages.common import setup
 from msif.stages.finetune import ensure_finetuned
-from msif.stages.influence import influence
+from msif.stages.influence import influence, require_multi_stage
 
 COLUMNS = ["seed", "condition", "removed", "test_accuracy", "test_loss", "pretrain_test_accuracy", "seconds"]
 STARTS = ("scratch", "warm")
@@ -134,12 +134,7 @@ _LABELS = {
 
 def _check(cfg: DictConfig) -> list[int]:
     c = cfg.cleanse
-    if cfg.get("mode", "multi_stage") != "multi_stage":
-        raise MsifError(
-            f"cleanse measures the finetuned model, so it removes by multi-stage influence, but mode={cfg.mode} was "
-            "given.",
-            "Drop mode= (the default is mode=multi_stage).",
-        )
+    require_multi_stage(cfg, "cleanse", "retrains and measures the finetuned model")
     if cfg.target.per_test:
         raise MsifError(
             "cleanse removes examples harmful to one summed target L_T, but target.per_test=true was given.",
@@ -220,12 +215,11 @@ def _write_removed(file: Path, harmful: np.ndarray, randoms: dict, pre_set, scor
 def _read_finished(csv: Path) -> pd.DataFrame:
     if not csv.exists():
         return pd.DataFrame(columns=COLUMNS)
-    keep = KEEP
     frame = read_resumable_csv(csv, COLUMNS)
     if not set(frame["condition"]) <= set(CONDITIONS):
-        raise MsifError(f"{csv} has conditions other than {list(CONDITIONS)}.", keep)
+        raise MsifError(f"{csv} has conditions other than {list(CONDITIONS)}.", KEEP)
     if frame.duplicated(["seed", "condition"]).any() or frame[COLUMNS[3:]].isna().any().any():
-        raise MsifError(f"{csv} repeats a (seed, condition) row or has empty values.", keep)
+        raise MsifError(f"{csv} repeats a (seed, condition) row or has empty values.", KEEP)
     return frame
 
 

@@ -203,6 +203,15 @@ def is_single_stage(cfg: DictConfig) -> bool:
     return cfg.get("mode", "multi_stage") == "single_stage"
 
 
+def require_multi_stage(cfg: DictConfig, stage: str, why: str) -> None:
+    """Refuse mode=single_stage in a stage that only makes sense for the two-stage model."""
+    if is_single_stage(cfg):
+        raise MsifError(
+            f"{stage} {why}, so it uses multi-stage influence, but mode={cfg.mode} was given.",
+            "Drop mode= (the default is mode=multi_stage).",
+        )
+
+
 def label(cfg: DictConfig) -> str:
     return "single-stage" if is_single_stage(cfg) else f"case {cfg.case.name}"
 

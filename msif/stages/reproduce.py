@@ -21,6 +21,7 @@ from msif.config import to_plain
 from msif.console import console, say, table
 from msif.errors import MsifError
 from msif.report import Entry, write_report
+from msif.stages.common import read_json
 
 KINDS = ("loo", "identity", "per_test", "histograms", "cleanse")
 
@@ -42,14 +43,18 @@ class Context:
             self.runs[str(path)] = float(seconds)
         return float(seconds or 0.0)
 
-    def count_upstream(self, cfg: DictConfig) -> float:
-        """Record the pretrain and finetune runs `cfg` names (made when missing); their compute seconds."""
+    def count_upstream(self, cfg: DictConfig):
+        """Record the pretrain and finetune runs `cfg` names (made when missing): (their compute seconds, the loaded
+        tasks, which the experiment's stage then reuses instead of loading the data again)."""
+        from msif.stages.common import setup
         from msif.stages.finetune import ensure_finetuned
 
-        pre, fin = ensure_finetuned(cfg)
-        return self.count(pre.run.path, pre.metrics.get("seconds")) + self.count(
+        tasks = setup(cfg).tasks
+        pre, fin = ensure_finetuned(cfg, tasks)
+        seconds = self.count(pre.run.path, pre.metrics.get("seconds")) + self.count(
             fin.run.path, fin.metrics.get("seconds")
         )
+        return seconds, tasks
 
 
 def compose_stage(stage: str, overrides: list[str]) -> DictConfig:
@@ -151,11 +156,11 @@ def _loo(ctx: Context, e: DictConfig) -> Entry:
     from msif.stages import validate_loo
 
     cfg = ctx.compose("validate-loo", list(e.overrides))
-    compute = ctx.count_upstream(cfg)
-    result = validate_loo(cfg)
+    compute, tasks = ctx.count_upstream(cfg)
+    result = validate_loo(cfg, tasks)
     s = result.summary
     compute += ctx.count(s["influence_run"], s.get("influence_seconds"))
-    ref = _read_seconds(result.path / "reference.json")
+    ref = read_json(result.path / "reference.json").get("seconds", 0.0)
     compute += ctx.count(result.path, s["retrain_seconds"]["total"] + ref)
     which = str(e.get("scores", "msif"))
     column = "predicted_effect" if which == "msif" else f"{which}_predicted_effect"
@@ -188,9 +193,9 @@ def _per_test(ctx: Context, e: DictConfig) -> Entry:
     figures, measured, compute, runs, settings = [], [], 0.0, [], []
     for j, overrides in enumerate(e.runs):
         cfg = ctx.compose("influence", list(overrides))
-        compute += ctx.count_upstream(cfg)
-        result = influence(cfg)
-        compute += ctx.count(result.path, result.summary["seconds"]["total"])
+        upstream, tasks = ctx.count_upstream(cfg)
+        result = influence(cfg, tasks)
+        compute += upstream + ctx.count(result.path, result.summary["seconds"]["total"])
         grid = result.path / "influence_grid.png"
         if grid.exists():
             name = f"{e.id}_{j}_{cfg.dataset.name}.png"
@@ -216,9 +221,9 @@ def _histograms(ctx: Context, e: DictConfig) -> Entry:
     series, sizes, compute, runs, settings = {}, {}, 0.0, [], []
     for label, overrides in e.runs.items():
         cfg = ctx.compose("influence", list(overrides))
-        compute += ctx.count_upstream(cfg)
-        result = influence(cfg)
-        compute += ctx.count(result.path, result.summary["seconds"]["total"])
+        upstream, tasks = ctx.count_upstream(cfg)
+        result = influence(cfg, tasks)
+        compute += upstream + ctx.count(result.path, result.summary["seconds"]["total"])
         series[str(label)] = result.scores["score"].to_numpy()
         sizes[str(label)] = int(result.summary["target"]["size"])
         acc = result.summary.get("finetune_test_accuracy")
@@ -241,10 +246,11 @@ def _cleanse(ctx: Context, e: DictConfig) -> Entry:
     from msif.stages import cleanse
 
     cfg = ctx.compose("cleanse", list(e.overrides))
-    compute = ctx.count_upstream(cfg)
-    result = cleanse(cfg)
+    compute, tasks = ctx.count_upstream(cfg)
+    result = cleanse(cfg, tasks)
     s = result.summary
-    compute += ctx.count(s["influence_run"], _read_seconds(Path(s["influence_run"]) / "summary.json", "total"))
+    influence_seconds = read_json(Path(s["influence_run"]) / "summary.json")["seconds"]["total"]
+    compute += ctx.count(s["influence_run"], influence_seconds)
     own = result.table[~((result.table["condition"] == "none") & (result.table["seed"] == cfg.seed))]
     compute += ctx.count(result.path, float(own["seconds"].sum()))
     figures = []
@@ -263,16 +269,6 @@ def _cleanse(ctx: Context, e: DictConfig) -> Entry:
         f"; removed {s['removed']:,} of {s['m']:,} ({100 * s['fraction']:.0f}%), {s['start']} start, seeds {s['seeds']}"
     )
     return Entry(e.id, e.title, str(e.paper), measured, settings, compute, figures, [str(result.path)])
-
-
-def _read_seconds(path: Path, key: str = "seconds") -> float:
-    from msif.stages.common import read_json
-
-    data = read_json(path)
-    value = data.get(key, data.get("seconds", {}))
-    if isinstance(value, dict):
-        value = value.get(key)
-    return float(value or 0.0)
 
 
 HANDLERS: dict[str, Callable[[Context, DictConfig], Entry]] = {

@@ -27,7 +27,7 @@ from msif.io import KEEP, append_csv_row, atomic_write_json, atomic_write_text, 
 from msif.loo import Retrainer, correlation, select_examples
 from msif.stages.common import read_json, setup
 from msif.stages.finetune import ensure_finetuned
-from msif.stages.influence import influence, predict, select_targets
+from msif.stages.influence import influence, predict, require_multi_stage, select_targets
 
 # loo settings that cannot change the results (finetune_start only matters when the embedding is finetuned)
 NOT_IN_SIGNATURE = {"fixed": ("workers", "finetune_start"), "updated": ("workers",)}
@@ -44,11 +44,7 @@ class LooResult:
 
 def validate_loo(cfg: DictConfig, tasks: Tasks | None = None) -> LooResult:
     """Retrain without each selected example and compare the actual change of L_T with −I(z, T)/m."""
-    if cfg.get("mode", "multi_stage") != "multi_stage":
-        raise MsifError(
-            f"validate-loo retrains both stages, so it checks multi-stage influence, but mode={cfg.mode} was given.",
-            "Drop mode= (the default is mode=multi_stage).",
-        )
+    require_multi_stage(cfg, "validate-loo", "retrains both stages")
     if cfg.target.per_test:
         raise MsifError(
             "validate-loo measures one summed target L_T, but target.per_test=true was given.",
@@ -159,14 +155,13 @@ def read_finished(csv: Path, columns: list[str], selection: list[int]) -> pd.Dat
     """The retrains already in loo.csv; refuses (and keeps) a file that is not a complete table of this run."""
     if not csv.exists():
         return pd.DataFrame(columns=columns)
-    keep = KEEP
     frame = read_resumable_csv(csv, columns)
     numeric = frame[["index", "score", "predicted_effect", "actual_effect"]]
     if numeric.isna().any().any() or not all(pd.api.types.is_numeric_dtype(t) for t in numeric.dtypes):
-        raise MsifError(f"{csv} has empty or non-numeric values in its rows.", keep)
+        raise MsifError(f"{csv} has empty or non-numeric values in its rows.", KEEP)
     unknown = sorted(set(frame["index"]) - set(selection))
     if unknown or frame["index"].duplicated().any():
-        raise MsifError(f"{csv} holds rows for examples this run did not select ({unknown[:5]}) or repeats one.", keep)
+        raise MsifError(f"{csv} holds rows for examples this run did not select ({unknown[:5]}) or repeats one.", KEEP)
     return frame
 
 
