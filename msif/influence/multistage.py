@@ -63,10 +63,10 @@ def target_gradient(
             for i in starts
         ]
         return torch.cat(rows)
-    total = torch.zeros(1, point.numel(), dtype=point.dtype, device=point.device)
-    for i in distributed.shard(starts):  # under torchrun: each process its share of T, then all-reduce
-        total[0] += grad(loss)(point, x_T[i : i + batch_size], y_T[i : i + batch_size])
-    return distributed.all_reduce_sum(total)
+    # under torchrun each process sums its share of T, then all-reduce; one process sums the batch rows as before
+    rows = [grad(loss)(point, x_T[i : i + batch_size], y_T[i : i + batch_size]) for i in distributed.shard(starts)]
+    total = torch.stack(rows).sum(0, keepdim=True) if rows else torch.zeros(1, point.numel(), dtype=point.dtype)
+    return distributed.all_reduce_sum(total.to(point.device))
 
 
 def ihvp1(H_F: Hessian, V: torch.Tensor, settings) -> tuple[torch.Tensor, SolveReport]:
