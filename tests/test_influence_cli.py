@@ -185,3 +185,21 @@ def test_an_interrupted_run_resumes_from_its_saved_parts_and_ends_with_the_same_
     pd.testing.assert_frame_equal(resumed.scores, table)
     assert not partial.exists()
     assert len(resumed.summary["solves"]) == len(reference.summary["solves"])
+
+
+def test_lowrank_curvature_is_fitted_once_and_reused_by_later_runs(env, tmp_path):
+    """solver=lowrank caches the Ritz pairs next to each checkpoint; another target reuses them (no refit), and at
+    full rank the table equals the exact solve of the same filter."""
+    lowrank = ["solver=lowrank", "solver.pretrain.rank=200", "solver.finetune.rank=200"]
+    ok(run_msif(["influence", *TINY, "case=updated", *lowrank], env))
+    files = sorted((tmp_path / "outputs").rglob("curvature/ritz-*.pt"))
+    assert len(files) == 2  # the pretrain Hessian's (pretrain run) and the finetune Hessian's (finetune run)
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = ok(
+        run_msif(["influence", *TINY, "case=updated", *lowrank, "target.kind=indices", "target.indices=[0,3]"], env)
+    )
+    assert again.stdout.count("reusing") >= 2 and [f.stat().st_mtime_ns for f in files] == stamps
+    exact = ["solver=exact", "solver.pretrain.normal=true", "solver.finetune.normal=true"]
+    ours = influence(compose_cfg("influence", [*TINY, "case=updated", *lowrank])).scores.set_index("index")["score"]
+    dense = influence(compose_cfg("influence", [*TINY, "case=updated", *exact])).scores.set_index("index")["score"]
+    assert (ours - dense).abs().max() < 1e-8 * dense.abs().max()

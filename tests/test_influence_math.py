@@ -246,6 +246,16 @@ def test_cg_normal_and_exact_normal_match_the_papers_regularised_system(problem)
     assert all(r.converged for r in cg.trace.solves)
 
 
+def test_lanczos_matches_explicit_hessians_for_both_filters(problem):
+    """Lanczos applies f(T) in the Krylov basis: (H² + λI)⁻¹H by default, (H + λI)⁻¹ with normal=false."""
+    papers = explicit_scores(problem, problem.case, problem.alpha, 1e-3, 1e-4, normal=True)
+    lz = problem.msif(default_solver("lanczos", 1e-3, 1e-4, iterations=200, tol=1e-13))
+    assert rel(lz.influence(problem.xt, problem.yt), papers) < 1e-6
+    plain = explicit_scores(problem, problem.case, problem.alpha, 0.02, 0.02)
+    lz = problem.msif(default_solver("lanczos", 0.02, 0.02, iterations=200, tol=1e-13, normal=False))
+    assert rel(lz.influence(problem.xt, problem.yt), plain) < 1e-6
+
+
 def test_cg_and_lissa_agree_with_exact_on_the_same_system(problem):
     reference = problem.msif(exact(0.02, 0.02)).influence(problem.xt, problem.yt)
     cg = problem.msif(default_solver("cg", 0.02, 0.02, iterations=500, tol=1e-12)).influence(problem.xt, problem.yt)

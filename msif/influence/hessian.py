@@ -7,6 +7,7 @@ Memory is O(parameters × K + one batch).
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import torch
@@ -35,6 +36,7 @@ class Hessian:
         self.chunk = chunk
         self.calls = 0  # Hessian-vector products applied (one per direction)
         self.seconds = 0.0
+        self.cache_dir = None  # where fitted curvature (msif.influence.curvature) is kept between runs, if anywhere
 
     @property
     def size(self) -> int:
@@ -62,6 +64,22 @@ class Hessian:
         self.calls += len(V)
         self.seconds += time.perf_counter() - start
         return out
+
+    def fingerprint(self) -> str:
+        """A short hash of what determines H: the point, the examples it sums over, and the shift."""
+        h = hashlib.sha256()
+        for t in (self.point, *(t for batch in self.batches for t in batch)):
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(
+            repr(
+                None
+                if self.shift is None
+                else float(self.shift)
+                if not torch.is_tensor(self.shift)
+                else self.shift.sum().item()
+            ).encode()
+        )
+        return h.hexdigest()[:16]
 
     def dense(self) -> torch.Tensor:
         """The explicit (p, p) matrix, column block by column block (for the `exact` solver on small models)."""

@@ -24,6 +24,10 @@ from msif.influence.params import network_space, summed_loss
 from msif.influence.scoring import score_network
 from msif.influence.solvers import solve
 
+# the solver used when none is given: the paper's normal equations (fine for an indefinite H), to a relative residual
+# of 1e-6 (measured on MNIST, benchmarks/peers.py: see the README's benchmark table)
+DEFAULT_SOLVER = {"method": "cg_normal", "damping": 1e-2, "iterations": 100, "tol": 1e-6}
+
 
 class SingleStageInfluence:
     """Influence of the training examples of `net` on its own test loss L_T (every parameter of `net`)."""
@@ -40,7 +44,7 @@ class SingleStageInfluence:
         device: str | torch.device | None = None,
         score_method: str = "auto",
     ):
-        self.solver = solver or {"method": "cg_normal", "damping": 1e-2, "iterations": 100, "tol": 1e-6}
+        self.solver = solver or dict(DEFAULT_SOLVER)
         self.batch_size = batch_size
         self.score_method = score_method  # msif.influence.scoring: auto | jvp | per_example
         self.device = torch.device(device) if device is not None else next(net.parameters()).device

@@ -5,6 +5,12 @@ and its settings, and returns X (K, p) with a `SolveReport`:
 
 - `cg_normal` (the paper's, default): CG on (H² + λI) x = H b, two HVPs per iteration, fine for indefinite H.
 - `cg`: CG on (H + λI) x = b, one HVP per iteration; needs H + λI positive definite.
+- `lanczos`: Lanczos on H from each b (full reorthogonalisation, one HVP per step), then the filter applied exactly in
+  the Krylov basis: x = ‖b‖ Q f(T) e₁ with f(t) = t / (t² + λ) (`normal: true`, the paper's (H² + λI)⁻¹H, default) or
+  1 / (t + λ). Handles indefinite H; stops when the relative change of x between steps falls below `tol`.
+- `lowrank`: the same filter applied with `rank` Ritz pairs of H fitted once by Lanczos from a random start and cached
+  (msif.influence.curvature): x = U f(θ) Uᵀ b, any number of targets for two small matrix products; an approximation
+  (directions outside span(U) are dropped) whose residual is reported, measured on the first 8 columns.
 - `lissa`: the truncated Neumann series x_{j+1} = b + (I − (H + λI)/scale) x_j, x = x_J / scale (Agarwal et al.;
   Koh & Liang), averaged over `repeats`, with divergence detection.
 - `exact`: the explicit matrix and a dense solve of (H + λI) x = b, or with `normal: true` of the paper's
@@ -26,8 +32,10 @@ import torch
 
 from msif.console import progress, say
 from msif.errors import MsifError
+from msif.influence.curvature import ritz_curvature, spectral_filter
 
-METHODS = ("cg_normal", "cg", "lissa", "exact", "identity")
+METHODS = ("cg_normal", "lanczos", "lowrank", "cg", "lissa", "exact", "identity")
+CHECK_COLUMNS = 8  # lowrank: the residual is measured on this many columns (3 HVPs each)
 
 
 @dataclass
@@ -66,6 +74,12 @@ def solve(H, B: torch.Tensor, settings, label: str) -> tuple[torch.Tensor, Solve
         X = _cg(lambda V: H.matvec(V) + damping * V, B, settings, report)
     elif method == "cg_normal":
         X = _cg(lambda V: H.matvec(H.matvec(V)) + damping * V, H.matvec(B), settings, report)
+    elif method == "lanczos":
+        X = _lanczos(H, B, damping, settings, report)
+    elif method == "lowrank":
+        curv = ritz_curvature(H, int(settings.get("rank", 100)), int(settings.get("seed", 0)))
+        X = curv.apply(B, damping, bool(settings.get("normal", True)))
+        report.iterations = len(curv.values)
     else:
         X = _lissa(H, B, damping, settings, report)
     if not torch.isfinite(X).all():
@@ -74,18 +88,19 @@ def solve(H, B: torch.Tensor, settings, label: str) -> tuple[torch.Tensor, Solve
             "Increase the damping (solver.*.damping), or use solver=cg_normal, which handles an indefinite Hessian.",
         )
     if method != "identity":
-        HX = H.matvec(X)
-        report.inverse_residual = _max_rel(HX - B, B)
+        Bc, Xc = (B[:CHECK_COLUMNS], X[:CHECK_COLUMNS]) if method == "lowrank" else (B, X)
+        HX = H.matvec(Xc)
+        report.inverse_residual = _max_rel(HX - Bc, Bc)
+        normal = (method == "exact" and settings.get("normal", False)) or (
+            method in ("lanczos", "lowrank") and settings.get("normal", True)
+        )
         if method == "cg":
-            report.residual = _max_rel(HX + damping * X - B, B)
-        elif method == "cg_normal":
-            HB = H.matvec(B)
-            report.residual = _max_rel(H.matvec(HX) + damping * X - HB, HB)
-        elif method == "exact" and settings.get("normal", False):
-            HB = H.matvec(B)
-            report.residual = _max_rel(H.matvec(HX) + damping * X - HB, HB)
-        else:  # exact, lissa
-            report.residual = _max_rel(HX + damping * X - B, B)
+            report.residual = _max_rel(HX + damping * Xc - Bc, Bc)
+        elif method == "cg_normal" or normal:
+            HB = H.matvec(Bc)
+            report.residual = _max_rel(H.matvec(HX) + damping * Xc - HB, HB)
+        else:  # exact, lissa, lanczos / lowrank with normal: false
+            report.residual = _max_rel(HX + damping * Xc - Bc, Bc)
     report.hvps = H.calls - calls0
     report.seconds = time.perf_counter() - start
     _check(report, settings)
@@ -120,6 +135,8 @@ def _check(report: SolveReport, settings) -> None:
 
 
 def _remedy(method: str) -> str:
+    if method == "lowrank":
+        return "It keeps only the span of its Ritz vectors: a larger solver.*.rank, or solver=lanczos, tightens it."
     if method == "exact":  # a direct solve has no iterations to add: its error is the matrix's conditioning
         return "The damped Hessian is near-singular at this precision: dtype=float64 or more damping would tighten it."
     return "More iterations or damping would tighten it."
@@ -156,6 +173,58 @@ def _cg(apply_A, R0: torch.Tensor, settings, report: SolveReport) -> torch.Tenso
             P = R + beta[:, None] * P
             rs = rs_new
     return X
+
+
+def _lanczos(H, B: torch.Tensor, damping: float, settings, report: SolveReport) -> torch.Tensor:
+    """x = ‖b‖ Q f(T) e₁ over the Krylov space of H and b, grown one HVP per step for every column at once.
+
+    Q (K, j, p) is reorthogonalised in full (twice, classical Gram–Schmidt), so the Ritz values are those of H on the
+    Krylov space and the filter is applied exactly there. A column whose Krylov space becomes invariant (β ≈ 0) has its
+    exact answer and stops growing; the solve stops when every column's ‖x_j − x_{j−1}‖ / ‖x_j‖ is below `tol`.
+    """
+    iters, tol = int(settings.get("iterations", 100)), float(settings.get("tol", 1e-6))
+    normal = bool(settings.get("normal", True))
+    K = len(B)
+    bnorm = B.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
+    Q = [B / bnorm[:, None]]
+    alphas: list[torch.Tensor] = []
+    betas: list[torch.Tensor] = []
+    y_prev = torch.zeros(K, 0, dtype=torch.float64, device=B.device)
+    live = torch.ones(K, dtype=torch.bool, device=B.device)
+    with progress(transient=True) as bar:
+        task = bar.add_task(f"{report.label} (lanczos)", total=iters, info="")
+        for j in range(iters):
+            W = H.matvec(Q[-1])
+            alphas.append((W * Q[-1]).sum(1))
+            basis = torch.stack(Q, 1)  # (K, j+1, p)
+            for _ in range(2):
+                W -= torch.einsum("kjp,kj->kp", basis, torch.einsum("kjp,kp->kj", basis, W))
+            beta = W.norm(dim=1)
+            scale = torch.stack(alphas, 1).abs().amax(1).clamp_min(torch.finfo(B.dtype).tiny)
+            live &= beta > 1e3 * torch.finfo(B.dtype).eps * scale  # invariant subspace: this column is exact
+            beta = torch.where(live, beta, torch.zeros_like(beta))
+            y = _projected(torch.stack(alphas, 1), torch.stack(betas, 1) if betas else None, damping, normal)
+            change = (y - torch.nn.functional.pad(y_prev, (0, 1))).norm(dim=1) / y.norm(dim=1).clamp_min(1e-300)
+            y_prev = y
+            report.history.append(float(change.max()))
+            report.iterations = j + 1
+            bar.update(task, completed=j + 1, info=f"change {report.history[-1]:.2e}")
+            if j > 0 and bool(((change < tol) | ~live).all()):
+                break
+            betas.append(beta)
+            Q.append(torch.where(live[:, None], W / beta.clamp_min(torch.finfo(B.dtype).tiny)[:, None], 0.0))
+    basis = torch.stack(Q[: y.shape[1]], 1)
+    return bnorm[:, None] * torch.einsum("kjp,kj->kp", basis, y.to(B.dtype))
+
+
+def _projected(alphas: torch.Tensor, betas: torch.Tensor | None, damping: float, normal: bool) -> torch.Tensor:
+    """f(T) e₁ for each column's tridiagonal T (diagonal `alphas` (K, j), off-diagonal `betas` (K, j−1)), in float64."""
+    T = torch.diag_embed(alphas.double())
+    if betas is not None and betas.shape[1]:
+        off = torch.diag_embed(betas.double(), offset=1)
+        T = T + off + off.transpose(1, 2)
+    theta, V = torch.linalg.eigh(T)
+    return torch.einsum("kij,kj,kj->ki", V, spectral_filter(theta, damping, normal), V[:, 0, :])
 
 
 def _exact(H, B: torch.Tensor, damping: float, settings, label: str) -> torch.Tensor:

@@ -179,7 +179,7 @@ def score_in_parts(msi, S: torch.Tensor, rows: torch.Tensor, part_rows: int, par
 
 def build_influence(cfg: DictConfig, pre: Trained, fin: Trained, tasks: Tasks, device) -> MultiStageInfluence:
     """The influence computation these settings describe, over the trained networks and the tasks' data."""
-    return MultiStageInfluence(
+    msi = MultiStageInfluence(
         pre.net,
         fin.net,
         tasks.pretrain.train,
@@ -194,6 +194,14 @@ def build_influence(cfg: DictConfig, pre: Trained, fin: Trained, tasks: Tasks, d
         device=device,
         score_method=cfg.score.method,
     )
+    keep_curvature(msi.H_G, pre)
+    keep_curvature(msi.H_F, fin)
+    return msi
+
+
+def keep_curvature(H, trained: Trained) -> None:
+    """Curvature fitted on H (solver=lowrank) is cached next to the checkpoint H is taken at, for every later run."""
+    H.cache_dir = trained.run.path / "curvature"
 
 
 MODES = ("multi_stage", "single_stage")
@@ -223,7 +231,7 @@ def target_set(cfg: DictConfig, tasks: Tasks) -> Examples:
 
 def build_single_stage(cfg: DictConfig, pre: Trained, tasks: Tasks, device) -> SingleStageInfluence:
     """Classic influence of the pretraining examples on the pretrained network's own test loss (Koh & Liang)."""
-    return SingleStageInfluence(
+    ssi = SingleStageInfluence(
         pre.net,
         tasks.pretrain.train,
         solver=OmegaConf.to_container(cfg.solver.pretrain, resolve=True),
@@ -233,6 +241,8 @@ def build_single_stage(cfg: DictConfig, pre: Trained, tasks: Tasks, device) -> S
         device=device,
         score_method=cfg.score.method,
     )
+    keep_curvature(ssi.H, pre)
+    return ssi
 
 
 def _check_settings(cfg: DictConfig) -> None:

@@ -1,0 +1,308 @@
+"""Benchmark: msif's single-stage influence against the libraries users would otherwise pick, in one run (issue #6).
+
+    python benchmarks/peers.py                         # MNIST 0-3 network: every msif solver and every peer installed
+    python benchmarks/peers.py --only kronfluence msif  # methods whose label contains one of these words
+    python benchmarks/peers.py --dataset digits         # the embedded 8x8 digits (seconds)
+
+Peers are an optional extra, best in their own virtual environment (they pin numpy 1.x): `make bench-venv`, then
+`.venv-bench/bin/python benchmarks/peers.py` (`make bench-peers`). A peer that is not installed is listed as skipped.
+
+The problem every library shares: the influence of every pretraining example on the summed loss of the first 500 test
+examples, on msif's trained pretraining network, damping λ = 0.01, Hessian of the mean loss on msif's fixed sample of
+1,000 examples (benchmarks/peerlib/problem.py). Each method runs in its own process (so that its memory and time are
+its own, with the same number of threads), after the data and network are loaded; it reports wall seconds and its peak
+memory above what the process held before it started (Linux VmHWM, reset just before). Scores are compared by Pearson
+r with two converged references computed in the same run:
+
+* `reference`: msif's target, the paper's (H² + λI)⁻¹ H b (Section 3.3), by CG to a relative residual of 1e-7;
+* `reference (H+λI)⁻¹`: what the peers approximate, (H + λI)⁻¹ b, by CG on its normal equations to 1e-7 (H is
+  indefinite, so plain CG cannot be the reference).
+
+The run also times, in one worker, a plain forward pass over every training example against msif's scoring of all of
+them (the scoring goal: at most 2x the forward pass), and msif's peak scoring memory at m/4, m/2 and m examples.
+Results: <outputs>/benchmarks/peers_<dataset>.json and .md (the table the README shows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+LIBRARIES = ("msif", "kronfluence", "dattri", "pydvl", "captum")
+SCORING = "msif scoring vs forward"
+
+
+def registry() -> tuple[dict, dict[str, str]]:
+    """label -> function for msif and every importable peer; library -> why it was skipped."""
+    methods, skipped = {}, {}
+    for lib in LIBRARIES:
+        try:
+            importlib.import_module(lib if lib != "pydvl" else "pydvl.influence")
+            mod = importlib.import_module(f"peerlib.{lib}_methods")
+        except ImportError as err:
+            skipped[lib] = f"not installed here ({err}); `make bench-venv` installs the peers"
+            continue
+        methods.update(mod.METHODS)
+        if lib == "msif":
+            methods.update(mod.REFERENCES)
+    return methods, skipped
+
+
+# ---------------------------------------------------------------- worker side (one method per process)
+
+
+def _status(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024  # MiB
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass
+
+
+def measured(fn):
+    """(result, seconds, peak MiB above the RSS before the call)."""
+    import gc
+
+    gc.collect()
+    base = _status("VmRSS")
+    _reset_peak()
+    start = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - start
+    return out, seconds, _status("VmHWM") - base
+
+
+def scoring_worker(p) -> dict:
+    """Forward pass over every training example vs msif scoring them (jvp and per-example gradients), best of two
+    each; then msif's peak memory while scoring the first m/4, m/2 and m examples."""
+    import torch
+    import torch.nn.functional as F
+
+    from msif.influence import SingleStageInfluence
+
+    ssi = SingleStageInfluence(p.net, (p.x_train, p.y_train), solver={"method": "identity"}, batch_size=512)
+    S = ssi.target_vectors(p.x_test, p.y_test)
+
+    def forward():
+        with torch.no_grad():
+            for i in range(0, p.m, 512):
+                F.cross_entropy(ssi.net(p.x_train[i : i + 512]), p.y_train[i : i + 512], reduction="none")
+
+    def scoring(method):
+        ssi.score_method = method
+        return lambda: ssi.score(S)
+
+    out = {}
+    for name, fn in (("forward", forward), ("jvp", scoring("jvp")), ("per_example", scoring("per_example"))):
+        out[name] = min(measured(fn)[1] for _ in range(2))
+    ssi.score_method = "jvp"
+    out["memory_mib"] = {
+        str(k): measured(lambda k=k: ssi.score(S, torch.arange(k)))[2] for k in (p.m // 4, p.m // 2, p.m)
+    }
+    return out
+
+
+def worker(args) -> None:
+    import torch
+    from peerlib.problem import build_problem
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    p = build_problem(args.dataset, args.test_points, args.hessian_sample, args.damping)
+    if args.worker == SCORING:
+        result = scoring_worker(p)
+        Path(args.out).write_text(json.dumps(result))
+        return
+    fn = registry()[0][args.worker]
+    scores, seconds, peak = measured(lambda: fn(p))
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if scores.shape != (p.m,):
+        raise SystemExit(f"{args.worker}: returned {scores.shape} scores, expected ({p.m},)")
+    np.savez(args.out, scores=scores, seconds=seconds, peak_mib=peak)
+
+
+# ---------------------------------------------------------------- driver side
+
+
+def run_worker(label: str, args, tmp: Path, timeout: int) -> tuple[dict | None, str]:
+    out = tmp / f"{abs(hash(label))}.{'json' if label == SCORING else 'npz'}"
+    cmd = [sys.executable, __file__, "--worker", label, "--out", str(out), *problem_args(args)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"over the {timeout} s limit"
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return None, f"failed: {tail[0][:200]}"
+    if label == SCORING:
+        return json.loads(out.read_text()), f"{time.perf_counter() - start:.0f} s"
+    data = np.load(out)
+    return {"scores": data["scores"], "seconds": float(data["seconds"]), "peak_mib": float(data["peak_mib"])}, ""
+
+
+def problem_args(args) -> list[str]:
+    return [
+        "--dataset", args.dataset, "--test-points", str(args.test_points), "--hessian-sample",
+        str(args.hessian_sample), "--damping", str(args.damping), "--threads", str(args.threads),
+    ]  # fmt: skip
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", default="mnist")
+    ap.add_argument("--test-points", type=int, default=500)
+    ap.add_argument("--hessian-sample", type=int, default=1000)
+    ap.add_argument("--damping", type=float, default=0.01)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", nargs="*", default=None, help="run the methods whose label contains one of these")
+    ap.add_argument("--timeout", type=int, default=1200, help="seconds allowed per method")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=160)
+    methods, skipped = registry()
+    refs = ["reference", "reference (H+λI)⁻¹"]
+    chosen = [k for k in methods if k not in refs and (not args.only or any(w in k for w in args.only))]
+    results: dict[str, dict] = {}
+    notes: dict[str, str] = {}
+    output_root = Path(os.environ.get("MSIF_OUTPUTS", "outputs"))
+    with tempfile.TemporaryDirectory() as tmp:
+        for label in [*refs, SCORING, *chosen]:
+            console.print(f"[bold]{label}[/] ...", end=" ")
+            res, note = run_worker(label, args, Path(tmp), args.timeout)
+            console.print(note or f"{res['seconds']:.1f} s, peak +{res['peak_mib']:.0f} MiB")
+            if res is None:
+                if label in refs[:1]:
+                    raise SystemExit(f"the reference failed ({note}); nothing to compare with")
+                notes[label] = note
+            else:
+                results[label] = res
+    ref = results["reference"]["scores"]
+    inv = results.get("reference (H+λI)⁻¹", {}).get("scores")
+    rows = []
+    for label in [*refs, *chosen]:
+        res = results.get(label)
+        if res is None:
+            rows.append({"method": label, "note": notes.get(label, "")})
+            continue
+        rows.append(
+            {
+                "method": label,
+                "seconds": res["seconds"],
+                "peak_mib": res["peak_mib"],
+                "r_reference": pearson(res["scores"], ref),
+                "r_inverse": pearson(res["scores"], inv) if inv is not None else float("nan"),
+                "note": "",
+            }
+        )
+    for lib, why in skipped.items():
+        rows.append({"method": lib, "note": f"skipped: {why}"})
+
+    p_desc = (
+        f"{args.dataset}: influence of every pretraining example on the summed loss of {args.test_points} test "
+        f"examples, damping {args.damping:g}, Hessian on {args.hessian_sample:,} examples, {args.threads} threads"
+    )
+    tab = Table(title=p_desc)
+    for col in ("method", "seconds", "peak MiB", "r vs reference", "r vs (H+λI)⁻¹", "note"):
+        tab.add_column(col, justify="left" if col in ("method", "note") else "right")
+    for r in rows:
+        if "seconds" in r:
+            tab.add_row(r["method"], f"{r['seconds']:.1f}", f"{r['peak_mib']:.0f}", f"{r['r_reference']:.4f}",
+                        f"{r['r_inverse']:.4f}", r["note"])  # fmt: skip
+        else:
+            tab.add_row(r["method"], "", "", "", "", r["note"])
+    console.print(tab)
+
+    sc = results.get(SCORING)
+    goals = goal_lines(rows, sc)
+    for line in goals:
+        console.print(line)
+    out = output_root / "benchmarks"
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"problem": p_desc, "rows": rows, "scoring": sc, "goals": goals, "argv": sys.argv[1:]}
+    tmp_json = out / f".peers_{args.dataset}.json.tmp"
+    tmp_json.write_text(json.dumps(record, indent=2))
+    tmp_json.replace(out / f"peers_{args.dataset}.json")
+    md = [
+        f"{p_desc}.",
+        "",
+        "| method | seconds | peak MiB | r vs reference | r vs (H+λI)⁻¹ |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "seconds" in r:
+            md.append(f"| {r['method']} | {r['seconds']:.1f} | {r['peak_mib']:.0f} | {r['r_reference']:.4f} | "
+                      f"{r['r_inverse']:.4f} |")  # fmt: skip
+        else:
+            md.append(f"| {r['method']} | | | | {r['note']} |")
+    md += ["", *[f"- {g}" for g in goals]]
+    tmp_md = out / f".peers_{args.dataset}.md.tmp"
+    tmp_md.write_text("\n".join(md) + "\n")
+    tmp_md.replace(out / f"peers_{args.dataset}.md")
+    console.print(f"saved {out / f'peers_{args.dataset}.json'} and .md")
+
+
+def goal_lines(rows: list[dict], sc: dict | None) -> list[str]:
+    """The issue's goals, each stated with the numbers measured in this run."""
+    timed = [r for r in rows if "seconds" in r and not r["method"].startswith("reference")]
+    lines = []
+    default = next((r for r in timed if r["method"] == "msif default"), None)
+    kron = next((r for r in timed if r["method"].startswith("kronfluence ekfac")), None)
+    if default:
+        line = f"msif default: r = {default['r_reference']:.4f} against the reference in {default['seconds']:.1f} s"
+        if kron:
+            line += f"; Kronfluence EK-FAC: {kron['seconds']:.1f} s (r = {kron['r_reference']:.4f})"
+        lines.append(line + ".")
+    peers = [r for r in timed if not r["method"].startswith("msif") and r["r_reference"] >= 0.9]
+    if peers:
+        best = min(peers, key=lambda r: r["seconds"])
+        lines.append(
+            f"fastest peer at r >= 0.9: {best['method']}, {best['seconds']:.1f} s (r = {best['r_reference']:.4f})."
+        )
+    else:
+        lines.append("no peer method reached r >= 0.9 against the reference.")
+    if sc:
+        lines.append(
+            f"scoring all examples: forward pass {sc['forward']:.2f} s, msif jvp {sc['jvp']:.2f} s "
+            f"({sc['jvp'] / sc['forward']:.2f}x), per-example gradients {sc['per_example']:.2f} s "
+            f"({sc['per_example'] / sc['forward']:.2f}x)."
+        )
+        mem = ", ".join(f"m = {int(k):,}: +{v:.0f} MiB" for k, v in sc["memory_mib"].items())
+        lines.append(f"peak memory while scoring (data already loaded): {mem}.")
+    return lines
+
+
+if __name__ == "__main__":
+    main()

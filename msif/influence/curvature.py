@@ -1,0 +1,108 @@
+"""A Hessian's curvature fitted once and reused for any number of targets: Ritz pairs from Lanczos, cached on disk.
+
+`fit_ritz(H, rank, seed)` runs `rank` Lanczos steps on H from a seeded random start (full reorthogonalisation, one
+HVP per step) and keeps the Ritz pairs (θᵢ, uᵢ): H ≈ U diag(θ) Uᵀ on span(U), which holds the top of the spectrum of
+both signs first. `RitzCurvature.apply(B)` is then U f(θ) Uᵀ b for every row b of B at the cost of two small matrix
+products, with f the solver's filter (the paper's t / (t² + λ), or 1 / (t + λ)); directions outside span(U) are
+dropped, as in Arnoldi-style influence (Schioppa et al., 2022). It is an approximation whose quality the solver
+reports (the residual of the system) and benchmarks/many_targets.py measures against converged solves.
+
+`ritz_curvature(H, rank, seed)` returns the pairs from memory, else from `H.cache_dir` (a file named by the Hessian's
+fingerprint, rank and seed, loaded with weights_only=True), else fits them and writes that file atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from msif import distributed
+from msif.console import progress, say
+from msif.io import atomic_torch_save, load_tensors
+
+FORMAT = 1
+
+
+def spectral_filter(theta: torch.Tensor, damping: float, normal: bool) -> torch.Tensor:
+    """f(θ) of the solve: θ / (θ² + λ) for the paper's normal equations, else 1 / (θ + λ)."""
+    return theta / (theta * theta + damping) if normal else 1.0 / (theta + damping)
+
+
+@dataclass
+class RitzCurvature:
+    values: torch.Tensor  # (k,) Ritz values θ
+    vectors: torch.Tensor  # (k, p) orthonormal Ritz vectors
+    hvps: int = 0
+    seconds: float = 0.0
+
+    def apply(self, B: torch.Tensor, damping: float, normal: bool) -> torch.Tensor:
+        """U f(θ) Uᵀ bᵀ for every row b of B (K, p) -> (K, p)."""
+        U = self.vectors.to(B.device, B.dtype)
+        f = spectral_filter(self.values.double(), damping, normal).to(B.device, B.dtype)
+        return ((B @ U.T) * f) @ U
+
+
+def fit_ritz(H, rank: int, seed: int = 0) -> RitzCurvature:
+    """`rank` Lanczos steps on H from a random unit vector (seeded), full reorthogonalisation -> Ritz pairs."""
+    start = time.perf_counter()
+    calls0 = H.calls
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, H.size, generator=g, dtype=torch.float64).to(H.point.device, H.point.dtype)
+    Q = [q / q.norm()]
+    alphas, betas = [], []
+    with progress(transient=True) as bar:
+        task = bar.add_task("fitting the Hessian's Ritz pairs (lanczos)", total=rank, info="")
+        for j in range(min(rank, H.size)):
+            w = H.matvec(Q[-1])
+            alphas.append(float((w * Q[-1]).sum()))
+            basis = torch.cat(Q)  # (j+1, p)
+            for _ in range(2):
+                w = w - (w @ basis.T) @ basis
+            beta = float(w.norm())
+            bar.update(task, completed=j + 1)
+            if j == rank - 1 or beta <= 1e3 * torch.finfo(w.dtype).eps * max(abs(a) for a in alphas):
+                break  # the requested rank, or an invariant subspace (exact on it)
+            betas.append(beta)
+            Q.append(w / beta)
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if betas:
+        off = torch.diag(torch.tensor(betas, dtype=torch.float64), 1)
+        T = T + off + off.T
+    theta, V = torch.linalg.eigh(T)
+    vectors = V.T.to(H.point.dtype).to(H.point.device) @ torch.cat(Q)
+    return RitzCurvature(theta, vectors, H.calls - calls0, time.perf_counter() - start)
+
+
+def ritz_curvature(H, rank: int, seed: int = 0) -> RitzCurvature:
+    """The Ritz pairs of H for (rank, seed): memory, then H.cache_dir, then a fit (saved to H.cache_dir)."""
+    key = (int(rank), int(seed))
+    memo = H.__dict__.setdefault("_ritz", {})
+    if key in memo:
+        return memo[key]
+    cache_dir = getattr(H, "cache_dir", None)
+    file = Path(cache_dir) / f"ritz-{H.fingerprint()}-r{rank}-s{seed}.pt" if cache_dir else None
+    saved = load_tensors(file) if file is not None and file.exists() else None
+    if saved is not None and saved.get("format") == FORMAT and saved["vectors"].shape[1] == H.size:
+        curv = RitzCurvature(saved["values"], saved["vectors"].to(H.point.device))
+        say(f"curvature: reusing {len(curv.values)} Ritz pairs from {file}")
+    else:
+        curv = fit_ritz(H, rank, seed)
+        say(
+            f"curvature: fitted {len(curv.values)} Ritz pairs ({curv.hvps} HVPs, {curv.seconds:.1f} s); "
+            f"θ in [{float(curv.values.min()):.3g}, {float(curv.values.max()):.3g}]"
+        )
+        if file is not None and distributed.is_main():  # under torchrun every process fits the same pairs
+            atomic_torch_save(
+                {
+                    "format": FORMAT,
+                    "values": curv.values,
+                    "vectors": curv.vectors.cpu(),
+                    "fingerprint": H.fingerprint(),
+                },
+                file,
+            )
+    memo[key] = curv
+    return curv

@@ -1,0 +1,121 @@
+"""IHVP solvers on explicit symmetric matrices (indefinite ones included), against dense linear algebra."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from msif.influence.solvers import solve
+
+
+class Dense:
+    """A symmetric matrix behind the `Hessian` interface (matvec on row blocks, HVP count, dense)."""
+
+    def __init__(self, A: torch.Tensor):
+        self.A, self.size, self.calls = A, len(A), 0
+
+    def matvec(self, V: torch.Tensor) -> torch.Tensor:
+        self.calls += len(V)
+        return V @ self.A
+
+    def dense(self) -> torch.Tensor:
+        return self.A
+
+
+def indefinite(p: int, seed: int = 0, negative: int = 5) -> torch.Tensor:
+    """Q diag(eigs) Qᵀ with eigenvalues spread over [1e-3, 10] and `negative` of them in [−1, −0.05]."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64))
+    eigs = torch.logspace(-3, 1, p, dtype=torch.float64)
+    eigs[:negative] = -torch.linspace(0.05, 1.0, negative, dtype=torch.float64)
+    return (Q * eigs) @ Q.T
+
+
+@pytest.mark.parametrize("normal", [True, False])
+def test_lanczos_equals_the_dense_filter_on_an_indefinite_matrix(normal):
+    p, lam = 80, 0.01
+    A = indefinite(p)
+    B = torch.randn(4, p, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    eye = torch.eye(p, dtype=torch.float64)
+    want = (torch.linalg.solve(A @ A + lam * eye, A @ B.T) if normal else torch.linalg.solve(A + lam * eye, B.T)).T
+    H = Dense(A)
+    X, report = solve(
+        H, B, {"method": "lanczos", "damping": lam, "iterations": 500, "tol": 1e-14, "normal": normal}, "t"
+    )
+    assert float((X - want).norm() / want.norm()) < 1e-9
+    assert report.iterations <= p  # the Krylov space is all of R^p after p steps: exact, then it stops
+    assert report.residual < 1e-9
+
+
+def test_lanczos_needs_fewer_hvps_than_cg_normal_for_the_same_residual():
+    """Same Krylov information, used better: Lanczos gets one new direction per HVP, CG on H² + λI one per two."""
+    p, lam = 400, 0.01
+    A = indefinite(p, seed=2)
+    b = torch.randn(1, p, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    lz, cg = Dense(A), Dense(A)
+    _, r_lz = solve(lz, b, {"method": "lanczos", "damping": lam, "iterations": 60, "tol": 0.0}, "t")
+    _, r_cg = solve(
+        cg, b, {"method": "cg_normal", "damping": lam, "iterations": 60, "tol": 0.0, "max_residual": 1e9}, "t"
+    )
+    assert r_lz.residual < r_cg.residual
+    assert r_lz.hvps < r_cg.hvps
+
+
+def test_lanczos_stops_at_an_invariant_subspace():
+    """b in the span of 3 eigenvectors: the Krylov space is 3-dimensional and the answer exact after 3 steps."""
+    p, lam = 50, 0.01
+    A = indefinite(p, seed=4)
+    eigs, V = torch.linalg.eigh(A)
+    b = (V[:, [0, 10, 40]] @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)).unsqueeze(0)
+    X, report = solve(Dense(A), b, {"method": "lanczos", "damping": lam, "iterations": 40, "tol": 1e-14}, "t")
+    want = torch.linalg.solve(A @ A + lam * torch.eye(p, dtype=torch.float64), A @ b.T).T
+    assert float((X - want).norm() / want.norm()) < 1e-10
+    assert report.iterations <= 4
+
+
+class DenseWithPoint(Dense):
+    """`Dense` with what the cached curvature needs: a point (dtype/device) and a fingerprint."""
+
+    def __init__(self, A, cache_dir=None):
+        super().__init__(A)
+        self.point = torch.zeros(len(A), dtype=A.dtype)
+        self.cache_dir = cache_dir
+
+    def fingerprint(self) -> str:
+        return "dense-" + str(abs(hash(self.A.sum().item())))
+
+
+def test_lowrank_at_full_rank_is_the_exact_filter_and_is_cached(tmp_path):
+    p, lam = 60, 0.01
+    A = indefinite(p, seed=5)
+    B = torch.randn(3, p, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    want = torch.linalg.solve(A @ A + lam * torch.eye(p, dtype=torch.float64), A @ B.T).T
+    H = DenseWithPoint(A, tmp_path)
+    settings = {"method": "lowrank", "damping": lam, "rank": p, "tol": 1e-8}
+    X, report = solve(H, B, settings, "t")
+    assert float((X - want).norm() / want.norm()) < 1e-9
+    assert report.hvps >= p and len(list(tmp_path.glob("ritz-*.pt"))) == 1
+    # a new Hessian object over the same matrix reads the pairs from disk: no fitting HVPs, same answer
+    H2 = DenseWithPoint(A, tmp_path)
+    X2, report2 = solve(H2, B, settings, "t")
+    assert torch.equal(X, X2)
+    assert report2.hvps == 3 * len(B)  # only the residual check
+
+
+def test_lowrank_keeps_the_top_of_the_spectrum_of_both_signs():
+    """A few large eigenvalues of each sign and a small bulk: rank 10 captures the large ones, and the answer on a
+    vector in their span is exact while the bulk's share is dropped."""
+    p, lam = 200, 0.01
+    g = torch.Generator().manual_seed(7)
+    Q, _ = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64))
+    eigs = torch.full((p,), 1e-4, dtype=torch.float64)
+    eigs[:4] = torch.tensor([-3.0, -2.0, 5.0, 8.0], dtype=torch.float64)
+    A = (Q * eigs) @ Q.T
+    from msif.influence.curvature import fit_ritz
+
+    curv = fit_ritz(DenseWithPoint(A), rank=10, seed=0)
+    top = torch.sort(curv.values).values
+    assert torch.allclose(top[[0, 1, -2, -1]], eigs[:4].sort().values, atol=1e-8)
+    b = (Q[:, :4] @ torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.float64)).unsqueeze(0)
+    want = torch.linalg.solve(A @ A + lam * torch.eye(p, dtype=torch.float64), A @ b.T).T
+    assert float((curv.apply(b, lam, True) - want).norm() / want.norm()) < 1e-8
