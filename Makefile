@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.msif-installed
 
-.PHONY: help install demo test test-slow test-full data bench reproduce lint clean-outputs
+.PHONY: help install demo test test-slow test-full data bench bench-venv bench-peers bench-targets reproduce lint clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -42,6 +42,21 @@ data:  ## put the project's MNIST and CIFAR-10 copies (../shared/data) into ./da
 
 bench: install  ## influence speed on MNIST (data in ./data or MSIF_DATA): msif vs a per-example gradient loop
 	$(BIN)/python benchmarks/influence_speed.py
+
+BENCH_VENV ?= .venv-bench
+
+bench-venv: $(BENCH_VENV)/.msif-installed  ## a separate venv with msif and the peer libraries (pip install .[bench])
+
+$(BENCH_VENV)/.msif-installed: pyproject.toml
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q -e ".[bench]"
+	touch $@
+
+bench-peers: bench-venv  ## msif vs Kronfluence, dattri, pyDVL, Captum on MNIST single-stage influence (~30 min on 2 cores)
+	$(BENCH_VENV)/bin/python benchmarks/peers.py
+
+bench-targets: install  ## per-test influence for 1, 10, 100, 1000 test points: converged lanczos vs cached lowrank
+	$(BIN)/python benchmarks/many_targets.py
 
 PROFILE ?= cpu
 

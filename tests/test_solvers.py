@@ -119,3 +119,38 @@ def test_lowrank_keeps_the_top_of_the_spectrum_of_both_signs():
     b = (Q[:, :4] @ torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.float64)).unsqueeze(0)
     want = torch.linalg.solve(A @ A + lam * torch.eye(p, dtype=torch.float64), A @ b.T).T
     assert float((curv.apply(b, lam, True) - want).norm() / want.norm()) < 1e-8
+
+
+@pytest.mark.parametrize("damping", [1e-2, 1e-6])
+def test_lanczos_error_never_exceeds_cg_normal_with_the_same_hvps(damping):
+    """Lanczos with 2k steps minimises the (H² + λI)-norm error over K_2k(H, b), which contains CG's space after k
+    iterations on the normal equations (2k HVPs): its error is never larger, even when λ is tiny."""
+    p = 300
+    A = indefinite(p, seed=8, negative=20)
+    b = torch.randn(1, p, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    M = A @ A + damping * torch.eye(p, dtype=torch.float64)
+    want = torch.linalg.solve(M, A @ b.T).T
+
+    def a_norm_error(X):
+        e = X - want
+        return float((e @ M @ e.T).sqrt())
+
+    for k in (3, 10, 25):
+        X_lz, _ = solve(Dense(A), b, {"method": "lanczos", "damping": damping, "iterations": 2 * k, "tol": 0.0}, "t")
+        cg = {"method": "cg_normal", "damping": damping, "iterations": k, "tol": 0.0, "max_residual": 1e9}
+        X_cg, _ = solve(Dense(A), b, cg, "t")
+        assert a_norm_error(X_lz) <= a_norm_error(X_cg) * (1 + 1e-9)
+
+
+def test_lanczos_in_groups_equals_lanczos_in_one_block(monkeypatch):
+    """Columns whose Krylov bases exceed the memory budget are solved group by group, with the same answers."""
+    from msif.influence import solvers
+
+    A = indefinite(40, seed=10)
+    B = torch.randn(5, 40, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    settings = {"method": "lanczos", "damping": 0.01, "iterations": 30, "tol": 1e-10}
+    X1, r1 = solve(Dense(A), B, settings, "t")
+    monkeypatch.setattr(solvers, "LANCZOS_BASIS_BYTES", 2 * 31 * 40 * 8)  # two columns per group
+    X2, r2 = solve(Dense(A), B, settings, "t")
+    assert torch.allclose(X1, X2, rtol=0, atol=1e-12 * float(X1.abs().max()))
+    assert r2.iterations == r1.iterations and abs(r2.residual - r1.residual) < 1e-12

@@ -57,6 +57,15 @@ def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+def rows_of(x: torch.Tensor, y: torch.Tensor, indices) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows `indices` of (x, y); all of them *without a copy* when None, so that scoring streams batch by batch
+    through x (which may be a memory-mapped tensor larger than memory) and holds one batch at a time."""
+    if indices is None:
+        return x, y
+    idx = torch.as_tensor(indices)
+    return x[idx], y[idx]
+
+
 def _batches(x, y, idx, batch_size, device):
     return [
         (x[idx[i : i + batch_size]].to(device), y[idx[i : i + batch_size]].to(device))
@@ -169,8 +178,7 @@ class MultiStageInfluence:
 
     def score(self, S: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         """I(z, T) = −⟨s, ∇g(z)⟩ for the pretraining examples `indices` (all when None): (len, K)."""
-        idx = torch.arange(self.m) if indices is None else torch.as_tensor(indices)
-        x, y = self.x_pre[idx], self.y_pre[idx]
+        x, y = rows_of(self.x_pre, self.y_pre, indices)
         with self.trace.timed("scoring"):
             return score_network(
                 self.pretrain_net,

@@ -17,7 +17,7 @@ import copy
 import torch
 from torch import nn
 
-from msif.influence.api import _batches, _sample, as_tensors
+from msif.influence.api import _batches, _sample, as_tensors, rows_of
 from msif.influence.hessian import Hessian
 from msif.influence.multistage import Trace, target_gradient
 from msif.influence.params import network_space, summed_loss
@@ -81,15 +81,15 @@ class SingleStageInfluence:
 
     def score(self, S: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         """I(z, T) = −⟨s, ∇ℓ(z)⟩ for the training examples `indices` (all when None): (len, K)."""
-        idx = torch.arange(self.m) if indices is None else torch.as_tensor(indices)
+        x, y = rows_of(self.x, self.y, indices)
         with self.trace.timed("scoring"):
             return score_network(
                 self.net,
                 self.space,
                 self.point,
                 S,
-                self.x[idx],
-                self.y[idx],
+                x,
+                y,
                 self.batch_size,
                 self.device,
                 self.score_method,

@@ -5,9 +5,10 @@ and its settings, and returns X (K, p) with a `SolveReport`:
 
 - `cg_normal` (the paper's, default): CG on (H² + λI) x = H b, two HVPs per iteration, fine for indefinite H.
 - `cg`: CG on (H + λI) x = b, one HVP per iteration; needs H + λI positive definite.
-- `lanczos`: Lanczos on H from each b (full reorthogonalisation, one HVP per step), then the filter applied exactly in
-  the Krylov basis: x = ‖b‖ Q f(T) e₁ with f(t) = t / (t² + λ) (`normal: true`, the paper's (H² + λI)⁻¹H, default) or
-  1 / (t + λ). Handles indefinite H; stops when the relative change of x between steps falls below `tol`.
+- `lanczos`: Lanczos on H from each b (full reorthogonalisation, one HVP per step) and the best answer over the Krylov
+  space K_j(H, b): for the paper's system (`normal: true`, default) the one with the least (H² + λI)-norm error, which
+  is never worse than cg_normal after j/2 iterations (2 HVPs each); with `normal: false`, MINRES on (H + λI) x = b.
+  Handles indefinite H; stops when the relative change of x between steps falls below `tol`.
 - `lowrank`: the same filter applied with `rank` Ritz pairs of H fitted once by Lanczos from a random start and cached
   (msif.influence.curvature): x = U f(θ) Uᵀ b, any number of targets for two small matrix products; an approximation
   (directions outside span(U) are dropped) whose residual is reported, measured on the first 8 columns.
@@ -175,11 +176,31 @@ def _cg(apply_A, R0: torch.Tensor, settings, report: SolveReport) -> torch.Tenso
     return X
 
 
-def _lanczos(H, B: torch.Tensor, damping: float, settings, report: SolveReport) -> torch.Tensor:
-    """x = ‖b‖ Q f(T) e₁ over the Krylov space of H and b, grown one HVP per step for every column at once.
+LANCZOS_BASIS_BYTES = 2 * 2**30  # the Krylov bases of the columns solved together stay under this
 
-    Q (K, j, p) is reorthogonalised in full (twice, classical Gram–Schmidt), so the Ritz values are those of H on the
-    Krylov space and the filter is applied exactly there. A column whose Krylov space becomes invariant (β ≈ 0) has its
+
+def _lanczos(H, B: torch.Tensor, damping: float, settings, report: SolveReport) -> torch.Tensor:
+    """Lanczos for every row of B, in groups whose Krylov bases (steps × p each) fit in LANCZOS_BASIS_BYTES."""
+    steps = int(settings.get("iterations", 100)) + 1
+    group = max(1, LANCZOS_BASIS_BYTES // (steps * B.shape[1] * B.element_size()))
+    if len(B) <= group:
+        return _lanczos_block(H, B, damping, settings, report)
+    parts, histories = [], []
+    for i in range(0, len(B), group):
+        report.history = []
+        parts.append(_lanczos_block(H, B[i : i + group], damping, settings, report))
+        histories.append(report.history)
+    longest = max(len(h) for h in histories)  # per step, the worst column of any group
+    report.history = [max(h[j] for h in histories if j < len(h)) for j in range(longest)]
+    report.iterations = longest
+    return torch.cat(parts)
+
+
+def _lanczos_block(H, B: torch.Tensor, damping: float, settings, report: SolveReport) -> torch.Tensor:
+    """x = ‖b‖ Q y, the best answer over the Krylov space K_j(H, b) (see `_projected`), grown one HVP per step for
+    every column at once.
+
+    Q (K, j, p) is reorthogonalised in full (twice, classical Gram–Schmidt), so T = QᵀHQ holds to rounding. A column whose Krylov space becomes invariant (β ≈ 0) has its
     exact answer and stops growing; the solve stops when every column's ‖x_j − x_{j−1}‖ / ‖x_j‖ is below `tol`.
     """
     iters, tol = int(settings.get("iterations", 100)), float(settings.get("tol", 1e-6))
@@ -203,7 +224,7 @@ def _lanczos(H, B: torch.Tensor, damping: float, settings, report: SolveReport) 
             scale = torch.stack(alphas, 1).abs().amax(1).clamp_min(torch.finfo(B.dtype).tiny)
             live &= beta > 1e3 * torch.finfo(B.dtype).eps * scale  # invariant subspace: this column is exact
             beta = torch.where(live, beta, torch.zeros_like(beta))
-            y = _projected(torch.stack(alphas, 1), torch.stack(betas, 1) if betas else None, damping, normal)
+            y = _projected(torch.stack(alphas, 1), torch.stack(betas, 1) if betas else None, beta, damping, normal)
             change = (y - torch.nn.functional.pad(y_prev, (0, 1))).norm(dim=1) / y.norm(dim=1).clamp_min(1e-300)
             y_prev = y
             report.history.append(float(change.max()))
@@ -217,14 +238,33 @@ def _lanczos(H, B: torch.Tensor, damping: float, settings, report: SolveReport) 
     return bnorm[:, None] * torch.einsum("kjp,kj->kp", basis, y.to(B.dtype))
 
 
-def _projected(alphas: torch.Tensor, betas: torch.Tensor | None, damping: float, normal: bool) -> torch.Tensor:
-    """f(T) e₁ for each column's tridiagonal T (diagonal `alphas` (K, j), off-diagonal `betas` (K, j−1)), in float64."""
+def _projected(alphas: torch.Tensor, betas: torch.Tensor | None, last: torch.Tensor, damping: float, normal: bool):
+    """The best y for x = ‖b‖ Q y over the Krylov space, per column, in float64, from the tridiagonal T (diagonal
+    `alphas` (K, j), off-diagonal `betas` (K, j−1)) and the step's β_j `last` (K,), using H Q = Q T + β_j q_{j+1} e_jᵀ:
+
+    * normal (the paper's system A x = H b, A = H² + λI): minimise the A-norm of the error over span(Q), i.e.
+      (QᵀAQ) y = Qᵀ H b with QᵀH²Q = T² + β_j² e_j e_jᵀ and QᵀHb = ‖b‖ T e₁. span(Q) = K_j(H, b) contains the space CG on
+      the normal equations searches after j/2 iterations, so this is never worse than cg_normal for the same HVPs;
+    * else (H + λI) x = b: minimise the residual (MINRES), least squares with the (j+1) × j matrix [T + λI; β_j e_jᵀ];
+      fine for an indefinite H + λI.
+    """
+    K, j = alphas.shape
     T = torch.diag_embed(alphas.double())
     if betas is not None and betas.shape[1]:
         off = torch.diag_embed(betas.double(), offset=1)
         T = T + off + off.transpose(1, 2)
-    theta, V = torch.linalg.eigh(T)
-    return torch.einsum("kij,kj,kj->ki", V, spectral_filter(theta, damping, normal), V[:, 0, :])
+    e1 = torch.zeros(K, j, dtype=torch.float64, device=alphas.device)
+    e1[:, 0] = 1.0
+    eye = torch.eye(j, dtype=torch.float64, device=alphas.device)
+    last = last.double()
+    if normal:
+        M = T @ T + damping * eye
+        M[:, -1, -1] += last * last
+        return torch.linalg.solve(M, T[:, :, 0])
+    Tbar = torch.cat([T + damping * eye, torch.zeros(K, 1, j, dtype=torch.float64, device=alphas.device)], 1)
+    Tbar[:, -1, -1] = last
+    rhs = torch.cat([e1, torch.zeros(K, 1, dtype=torch.float64, device=alphas.device)], 1)
+    return torch.linalg.lstsq(Tbar, rhs.unsqueeze(-1)).solution.squeeze(-1)
 
 
 def _exact(H, B: torch.Tensor, damping: float, settings, label: str) -> torch.Tensor:
