@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print_error(
             f"`msif {name}` runs in one process, but it was started by torchrun with WORLD_SIZE="
             f"{os.environ['WORLD_SIZE']}. Under torchrun msif shards `msif influence`; run the other stages without "
-            "torchrun (validate-loo spreads its retrains over loo.workers processes)."
+            "torchrun (validate-loo and cleanse spread their retrains over loo.workers / cleanse.workers processes)."
         )
         return 2
     return run_stage(name, stage.entry, rest)

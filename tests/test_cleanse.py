@@ -133,3 +133,15 @@ def test_msif_cleanse_command(env):
     ok(res)
     assert "paired differences" in res.stdout
     refused(run_msif(["cleanse", "dataset=tiny", "cleanse.fraction=0"], env), "cleanse.fraction")
+
+
+def test_retrains_spread_over_worker_processes_give_the_same_table(env):
+    """cleanse.workers=2 runs the retrains in two spawned processes; with the same threads per retrain the table is
+    the one a single process makes (only the seconds differ)."""
+    import shutil
+
+    one = cleanse(compose_cfg("cleanse", FAST + ["cleanse.threads=1"]))
+    shutil.rmtree(one.path)  # the worker count is not part of the run's signature: the same folder is remade
+    two = cleanse(compose_cfg("cleanse", FAST + ["cleanse.threads=1", "cleanse.workers=2"]))
+    assert two.path == one.path
+    pd.testing.assert_frame_equal(two.table.drop(columns="seconds"), one.table.drop(columns="seconds"))

@@ -33,7 +33,7 @@ import torch
 
 from msif.console import progress, say
 from msif.errors import MsifError
-from msif.influence.curvature import ritz_curvature, spectral_filter
+from msif.influence.curvature import ritz_curvature
 
 METHODS = ("cg_normal", "lanczos", "lowrank", "cg", "lissa", "exact", "identity")
 CHECK_COLUMNS = 8  # lowrank: the residual is measured on this many columns (3 HVPs each)
@@ -200,8 +200,9 @@ def _lanczos_block(H, B: torch.Tensor, damping: float, settings, report: SolveRe
     """x = ‖b‖ Q y, the best answer over the Krylov space K_j(H, b) (see `_projected`), grown one HVP per step for
     every column at once.
 
-    Q (K, j, p) is reorthogonalised in full (twice, classical Gram–Schmidt), so T = QᵀHQ holds to rounding. A column whose Krylov space becomes invariant (β ≈ 0) has its
-    exact answer and stops growing; the solve stops when every column's ‖x_j − x_{j−1}‖ / ‖x_j‖ is below `tol`.
+    Q (K, j, p) is reorthogonalised in full (twice, classical Gram–Schmidt), so T = QᵀHQ holds to rounding. A column
+    whose Krylov space becomes invariant (β ≈ 0) has its exact answer and stops growing; the solve stops when every
+    column's ‖x_j − x_{j−1}‖ / ‖x_j‖ is below `tol`.
     """
     iters, tol = int(settings.get("iterations", 100)), float(settings.get("tol", 1e-6))
     normal = bool(settings.get("normal", True))
@@ -243,8 +244,9 @@ def _projected(alphas: torch.Tensor, betas: torch.Tensor | None, last: torch.Ten
     `alphas` (K, j), off-diagonal `betas` (K, j−1)) and the step's β_j `last` (K,), using H Q = Q T + β_j q_{j+1} e_jᵀ:
 
     * normal (the paper's system A x = H b, A = H² + λI): minimise the A-norm of the error over span(Q), i.e.
-      (QᵀAQ) y = Qᵀ H b with QᵀH²Q = T² + β_j² e_j e_jᵀ and QᵀHb = ‖b‖ T e₁. span(Q) = K_j(H, b) contains the space CG on
-      the normal equations searches after j/2 iterations, so this is never worse than cg_normal for the same HVPs;
+      (QᵀAQ) y = Qᵀ H b with QᵀH²Q = T² + β_j² e_j e_jᵀ and QᵀHb = ‖b‖ T e₁. span(Q) = K_j(H, b) contains the space
+      CG on the normal equations searches after j/2 iterations, so this is never worse than cg_normal for the same
+      HVPs;
     * else (H + λI) x = b: minimise the residual (MINRES), least squares with the (j+1) × j matrix [T + λI; β_j e_jᵀ];
       fine for an indefinite H + λI.
     """

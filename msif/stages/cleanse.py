@@ -10,11 +10,15 @@ removed_grid.png (the most harmful removed images).
 from __future__ import annotations
 
 import copy
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from msif.cleanse import CONDITIONS, compare_conditions, harmful_rows, random_rows, retrain_without
@@ -62,7 +66,9 @@ def cleanse(cfg: DictConfig, tasks: Tasks | None = None) -> CleanseResult:
     settings = {
         "influence": scores.path.name,
         "cleanse": {
-            k: v for k, v in cfg.cleanse.items() if k not in ("seeds", "grid") + (("warm_steps",) * (start != "warm"))
+            k: v
+            for k, v in cfg.cleanse.items()
+            if k not in ("seeds", "grid", "workers", "threads") + (("warm_steps",) * (start != "warm"))
         },
     }
     path = scores.path / f"cleanse-{signature(settings)}"
@@ -82,9 +88,8 @@ def cleanse(cfg: DictConfig, tasks: Tasks | None = None) -> CleanseResult:
     if not csv.exists():
         atomic_write_text(",".join(COLUMNS) + "\n", csv)
     rows = done.to_dict("records")
-    for s, cond in todo:
-        say(f"cleanse: seed {s}, {_LABELS[cond]}")
-        result = _retrain(cfg, env, pre, s, cond, removal.rows if cond == "harmful" else randoms[s], start)
+    jobs = [(s, cond, removal.rows if cond == "harmful" else randoms[s]) for s, cond in todo]
+    for s, cond, result in _run(cfg, env, pre, jobs, start):  # as each retrain finishes
         rows.append({"seed": s, "condition": cond, "removed": 0 if cond == "none" else count, **result})
         append_csv_row(csv, COLUMNS, rows[-1])
 
@@ -161,6 +166,55 @@ def _check(cfg: DictConfig) -> list[int]:
             f"cleanse.seeds must be a list of distinct integers, got {c.seeds!r}.", "E.g. cleanse.seeds=[0,1,2]."
         )
     return seeds
+
+
+def _threads(cfg: DictConfig) -> int:
+    if cfg.cleanse.get("threads"):
+        return int(cfg.cleanse.threads)
+    return max(1, (os.cpu_count() or 1) // max(1, int(cfg.cleanse.get("workers", 1))))
+
+
+def _run(cfg: DictConfig, env, pre, jobs: list, start: str):
+    """Yield (seed, condition, result) as retrains finish, here or in `cleanse.workers` processes (spawned, each
+    with `cleanse.threads` torch threads, so the numbers do not depend on the number of workers)."""
+    workers, threads = int(cfg.cleanse.get("workers", 1)), _threads(cfg)
+    if workers <= 1:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for s, cond, removed in jobs:
+                say(f"cleanse: seed {s}, {_LABELS[cond]}")
+                yield s, cond, _retrain(cfg, env, pre, s, cond, removed, start)
+        finally:
+            torch.set_num_threads(previous)
+        return
+    say(f"cleanse: {len(jobs)} retrains in {workers} processes, {threads} thread(s) each")
+    config = OmegaConf.to_yaml(cfg, resolve=True)
+    with ProcessPoolExecutor(
+        workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(config, threads)
+    ) as pool:
+        futures = [pool.submit(_retrain_in_worker, s, cond, removed, start) for s, cond, removed in jobs]
+        for f in as_completed(futures):
+            s, cond, result = f.result()
+            say(f"cleanse: finished seed {s}, {_LABELS[cond]}")
+            yield s, cond, result
+
+
+_WORKER: tuple | None = None
+
+
+def _init_worker(config: str, threads: int) -> None:
+    global _WORKER
+    torch.set_num_threads(threads)
+    cfg = OmegaConf.create(config)
+    env = setup(cfg)
+    pre, _ = ensure_finetuned(cfg, env.tasks)
+    _WORKER = (cfg, env, pre)
+
+
+def _retrain_in_worker(seed: int, cond: str, removed: np.ndarray, start: str) -> tuple[int, str, dict]:
+    cfg, env, pre = _WORKER
+    return seed, cond, _retrain(cfg, env, pre, seed, cond, removed, start)
 
 
 def _retrain(cfg: DictConfig, env, pre, seed: int, cond: str, removed: np.ndarray, start: str) -> dict:
