@@ -30,7 +30,7 @@ CASES = ("fixed", "updated")
 
 
 def default_solver(
-    method: str = "cg_normal",
+    method: str = "lanczos",
     pretrain_damping: float = 1e-2,
     finetune_damping: float = 1e-8,
     iterations: int = 100,
