@@ -68,8 +68,9 @@ def main() -> None:
 
     def per_test(ssi: SingleStageInfluence, k: int) -> tuple[np.ndarray, float]:
         start = time.perf_counter()
-        blocks = [ssi.target_vectors(p.x_test[i : min(k, i + 32)], p.y_test[i : min(k, i + 32)], per_test=True)
-                  for i in range(0, k, 32)]  # fmt: skip
+        chunk = k if ssi.solver["method"] == "lowrank" else 32  # lowrank: all targets in one pair of matrix products
+        blocks = [ssi.target_vectors(p.x_test[i : min(k, i + chunk)], p.y_test[i : min(k, i + chunk)], per_test=True)
+                  for i in range(0, k, chunk)]  # fmt: skip
         scores = ssi.score(torch.cat(blocks)).double().numpy()
         return scores, time.perf_counter() - start
 

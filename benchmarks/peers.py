@@ -247,7 +247,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for label in [*refs, SCORING, *chosen]:
             console.print(f"[bold]{label}[/] ...", end=" ")
-            res, note = run_worker(label, args, Path(tmp), args.timeout)
+            limit = args.timeout if label in chosen else max(args.timeout, 3600)  # the references must finish
+            res, note = run_worker(label, args, Path(tmp), limit)
             console.print(note or f"{res['seconds']:.1f} s, peak +{res['peak_mib']:.0f} MiB")
             if res is None:
                 if label in refs[:1]:

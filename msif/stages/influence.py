@@ -135,7 +135,9 @@ def solve_targets(cfg: DictConfig, msi, x_T: torch.Tensor, y_T: torch.Tensor, pa
     (summed). Each block is saved in `partial/` with its timings and solver reports as it is solved, so an
     interrupted run resumes without solving it again."""
     per_test = bool(cfg.target.per_test)
-    chunk = int(cfg.target.chunk) if per_test else len(y_T)
+    hessians = ("pretrain",) if is_single_stage(cfg) else ("pretrain", "finetune")
+    cheap = all(cfg.solver[h].method in ("lowrank", "identity") for h in hessians)  # no per-target solve to save
+    chunk = int(cfg.target.chunk) if per_test and not cheap else len(y_T)
     blocks = []
     for j, i in enumerate(range(0, len(y_T), chunk)):
         file = partial / f"targets-{j:05d}.pt"
