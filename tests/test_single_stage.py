@@ -137,3 +137,26 @@ def test_every_scoring_method_gives_the_explicit_per_test_scores(problem, method
     assert ssi.trace.scoring["method"] in ("jvp", "per_example")
     if method == "auto":
         assert set(ssi.trace.scoring["measured_seconds"]) == {"jvp", "per_example"}
+
+
+def test_jvp_in_direction_chunks_and_auto_above_its_measuring_limit(problem, monkeypatch):
+    """Forward-mode scoring of K targets runs JVP_CHUNK directions at a time (bounded memory) with the same numbers;
+    above AUTO_MEASURE_MAX_K targets `auto` takes per-example gradients without trying jvp."""
+    from msif.influence import scoring
+
+    x, y, x_T, y_T, theta, objective, net = problem
+
+    def scores(method):
+        ssi = SingleStageInfluence(
+            net, (x, y), solver={"method": "exact", "damping": MU}, hessian_sample=None, batch_size=16,
+            score_method=method,
+        )  # fmt: skip
+        return ssi.influence(x_T[:7], y_T[:7], per_test=True), ssi.trace.scoring
+
+    whole, _ = scores("jvp")
+    monkeypatch.setattr(scoring, "JVP_CHUNK", 3)
+    monkeypatch.setattr(scoring, "AUTO_MEASURE_MAX_K", 5)
+    chunked, _ = scores("jvp")
+    assert torch.allclose(chunked, whole, rtol=1e-12, atol=1e-14 * whole.abs().max())
+    _, chosen = scores("auto")
+    assert chosen["method"] == "per_example" and "measured_seconds" not in chosen

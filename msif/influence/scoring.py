@@ -23,6 +23,8 @@ from msif.influence.params import FlatLoss
 
 # per-example gradients are formed for at most this many (example x parameter) entries at a time
 PER_EXAMPLE_BUDGET = 2**25
+JVP_CHUNK = 16  # directions vmapped together in one forward-mode pass
+AUTO_MEASURE_MAX_K = 64  # auto measures both ways only up to this many targets; above it, per-example gradients
 
 
 METHODS = ("auto", "jvp", "per_example")
@@ -51,7 +53,10 @@ def score_examples(
         def directional(s):
             return jvp(lambda q: per_example(q, xb, yb), (point,), (s,))[1]
 
-        return (directional(S[0]).unsqueeze(1) if K == 1 else vmap(directional)(S).T).detach()
+        if K == 1:
+            return directional(S[0]).unsqueeze(1).detach()
+        # vmapped directions hold a tangent of every activation each: JVP_CHUNK of them at a time bounds the memory
+        return torch.cat([vmap(directional)(S[j : j + JVP_CHUNK]).T for j in range(0, K, JVP_CHUNK)], 1).detach()
 
     def by_grads(xb, yb):
         rows = []
@@ -64,6 +69,8 @@ def score_examples(
 
     ways = {"jvp": by_jvp, "per_example": by_grads}
     use = "jvp" if method == "auto" and K == 1 else method
+    if use == "auto" and K > AUTO_MEASURE_MAX_K:  # jvp costs K passes: per-example gradients win, no need to measure
+        use = "per_example"
     info = chosen if chosen is not None else {}
     for i in range(0, len(y), batch_size):
         xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
