@@ -52,7 +52,7 @@ $(BENCH_VENV)/.msif-installed: pyproject.toml
 	$(BENCH_VENV)/bin/python -m pip install -q -e ".[bench]"
 	touch $@
 
-bench-peers: bench-venv  ## msif vs Kronfluence, dattri, pyDVL, Captum on MNIST single-stage influence (~30 min on 2 cores)
+bench-peers: bench-venv  ## msif vs Kronfluence, dattri, pyDVL, Captum on MNIST single-stage influence (--only selects; ~30 min for the README's selection)
 	$(BENCH_VENV)/bin/python benchmarks/peers.py
 
 bench-targets: install  ## per-test influence for 1, 10, 100, 1000 test points: converged lanczos vs cached lowrank
