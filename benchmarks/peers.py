@@ -40,6 +40,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from peerlib.problem import pearson  # noqa: E402
+
 LIBRARIES = ("msif", "kronfluence", "dattri", "pydvl", "captum")
 SCORING = "msif scoring vs forward"
 
@@ -211,11 +213,6 @@ def problem_args(args) -> list[str]:
         "--dataset", args.dataset, "--test-points", str(args.test_points), "--hessian-sample",
         str(args.hessian_sample), "--damping", str(args.damping), "--threads", str(args.threads),
     ]  # fmt: skip
-
-
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
 
 def main() -> None:

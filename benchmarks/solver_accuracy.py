@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
+from peerlib.problem import pearson  # benchmarks/ is on sys.path when this file runs as a script
 
 import msif  # noqa: F401
 from msif.cli import CONF_DIR
@@ -35,11 +36,6 @@ SETTINGS = [("cg_normal", {"iterations": n}) for n in (5, 10, 20, 30, 50)] + [
     ("lissa", {"depth": 200}),
     ("identity", {}),
 ]
-
-
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
 
 def run(pre, tasks, x_T, y_T, solver: dict, device) -> tuple[np.ndarray, float, object]:

@@ -3,9 +3,9 @@
 Every solver takes a `Hessian` (anything with `matvec`, `size`, and for `exact` `dense`), a block B of shape (K, p)
 and its settings, and returns X (K, p) with a `SolveReport`:
 
-- `cg_normal` (the paper's, default): CG on (H² + λI) x = H b, two HVPs per iteration, fine for indefinite H.
+- `cg_normal` (the paper's): CG on (H² + λI) x = H b, two HVPs per iteration, fine for indefinite H.
 - `cg`: CG on (H + λI) x = b, one HVP per iteration; needs H + λI positive definite.
-- `lanczos`: Lanczos on H from each b (full reorthogonalisation, one HVP per step) and the best answer over the Krylov
+- `lanczos` (the default): Lanczos on H from each b (full reorthogonalisation, one HVP per step) and the best answer over the Krylov
   space K_j(H, b): for the paper's system (`normal: true`, default) the one with the least (H² + λI)-norm error, which
   is never worse than cg_normal after j/2 iterations (2 HVPs each); with `normal: false`, MINRES on (H + λI) x = b.
   Handles indefinite H; stops when the relative change of x between steps falls below `tol`.

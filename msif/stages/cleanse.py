@@ -10,10 +10,8 @@ removed_grid.png (the most harmful removed images).
 from __future__ import annotations
 
 import copy
-import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ from msif.console import console, say, table
 from msif.data import Tasks
 from msif.errors import MsifError
 from msif.io import KEEP, append_csv_row, atomic_write_json, atomic_write_text, read_resumable_csv
-from msif.stages.common import setup
+from msif.stages.common import run_jobs, setup, threads_per_worker
 from msif.stages.finetune import ensure_finetuned
 from msif.stages.influence import influence, require_multi_stage
 
@@ -168,36 +166,25 @@ def _check(cfg: DictConfig) -> list[int]:
     return seeds
 
 
-def _threads(cfg: DictConfig) -> int:
-    if cfg.cleanse.get("threads"):
-        return int(cfg.cleanse.threads)
-    return max(1, (os.cpu_count() or 1) // max(1, int(cfg.cleanse.get("workers", 1))))
-
-
 def _run(cfg: DictConfig, env, pre, jobs: list, start: str):
     """Yield (seed, condition, result) as retrains finish, here or in `cleanse.workers` processes (spawned, each
     with `cleanse.threads` torch threads, so the numbers do not depend on the number of workers)."""
-    workers, threads = int(cfg.cleanse.get("workers", 1)), _threads(cfg)
-    if workers <= 1:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            for s, cond, removed in jobs:
-                say(f"cleanse: seed {s}, {_LABELS[cond]}")
-                yield s, cond, _retrain(cfg, env, pre, s, cond, removed, start)
-        finally:
-            torch.set_num_threads(previous)
-        return
-    say(f"cleanse: {len(jobs)} retrains in {workers} processes, {threads} thread(s) each")
+    workers = int(cfg.cleanse.get("workers", 1))
+    threads = threads_per_worker(cfg.cleanse.get("threads"), workers)
+
+    def here(s: int, cond: str, removed: np.ndarray) -> tuple[int, str, dict]:
+        say(f"cleanse: seed {s}, {_LABELS[cond]}")
+        return s, cond, _retrain(cfg, env, pre, s, cond, removed, start)
+
+    if workers > 1:
+        say(f"cleanse: {len(jobs)} retrains in {workers} processes, {threads} thread(s) each")
     config = OmegaConf.to_yaml(cfg, resolve=True)
-    with ProcessPoolExecutor(
-        workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(config, threads)
-    ) as pool:
-        futures = [pool.submit(_retrain_in_worker, s, cond, removed, start) for s, cond, removed in jobs]
-        for f in as_completed(futures):
-            s, cond, result = f.result()
+    for s, cond, result in run_jobs(
+        jobs, workers, threads, here, _init_worker, (config, threads), partial(_retrain_in_worker, start=start)
+    ):
+        if workers > 1:
             say(f"cleanse: finished seed {s}, {_LABELS[cond]}")
-            yield s, cond, result
+        yield s, cond, result
 
 
 _WORKER: tuple | None = None

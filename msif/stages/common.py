@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +118,36 @@ def ensure_upstream(
         "(upstream.auto=false stops instead)."
     )
     return make()
+
+
+def threads_per_worker(threads: int | None, workers: int) -> int:
+    """Torch threads for each of `workers` parallel retrains: `threads` when given, else the cores shared out."""
+    if threads:
+        return int(threads)
+    return max(1, (os.cpu_count() or 1) // max(1, int(workers)))
+
+
+def run_jobs(
+    jobs: Iterable[tuple],
+    workers: int,
+    threads: int,
+    here: Callable[..., Any],
+    init: Callable[..., None],
+    initargs: tuple,
+    there: Callable[..., Any],
+) -> Iterator[Any]:
+    """Yield the result of each job (a tuple of arguments) as it finishes: `here(*job)` in this process with `threads`
+    torch threads when `workers` <= 1, else `there(*job)` in `workers` spawned processes, each set up once by
+    `init(*initargs)` (which sets its own threads). `init` and `there` must be module-level functions."""
+    if workers <= 1:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for job in jobs:
+                yield here(*job)
+        finally:
+            torch.set_num_threads(previous)
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=init, initargs=initargs) as pool:
+        for f in as_completed([pool.submit(there, *job) for job in jobs]):
+            yield f.result()

@@ -7,11 +7,8 @@ retrain, appended as each completes, so a rerun resumes), loo_summary.json (writ
 from __future__ import annotations
 
 import copy
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import pandas as pd
@@ -25,7 +22,7 @@ from msif.data import Tasks
 from msif.errors import MsifError
 from msif.io import KEEP, append_csv_row, atomic_write_json, atomic_write_text, read_resumable_csv
 from msif.loo import Retrainer, correlation, select_examples
-from msif.stages.common import read_json, setup
+from msif.stages.common import read_json, run_jobs, setup, threads_per_worker
 from msif.stages.finetune import ensure_finetuned
 from msif.stages.influence import influence, predict, require_multi_stage, select_targets
 
@@ -182,33 +179,18 @@ def _reference(cfg: DictConfig, retrainer: Retrainer, path: Path) -> float:
     return loss
 
 
-def _threads(cfg: DictConfig) -> int:
-    if cfg.loo.threads:
-        return int(cfg.loo.threads)
-    return max(1, (os.cpu_count() or 1) // max(1, int(cfg.loo.workers)))
-
-
 def _run(cfg: DictConfig, retrainer: Retrainer, todo: list[int]):
     """Yield (z, L_T without z, seconds) as retrains finish, in this process or in `loo.workers` processes."""
-    workers = int(cfg.loo.workers)
-    threads = _threads(cfg)
-    if workers <= 1:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            for z in todo:
-                start = time.perf_counter()
-                yield z, retrainer.test_loss(z), time.perf_counter() - start
-        finally:
-            torch.set_num_threads(previous)
-        return
+    threads = threads_per_worker(cfg.loo.threads, int(cfg.loo.workers))
+
+    def here(z: int) -> tuple[int, float, float]:
+        start = time.perf_counter()
+        return z, retrainer.test_loss(z), time.perf_counter() - start
+
     config = OmegaConf.to_yaml(cfg, resolve=True)
-    with ProcessPoolExecutor(
-        workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(config, threads)
-    ) as pool:
-        futures = [pool.submit(_retrain_in_worker, z) for z in todo]
-        for f in as_completed(futures):
-            yield f.result()
+    yield from run_jobs(
+        [(z,) for z in todo], int(cfg.loo.workers), threads, here, _init_worker, (config, threads), _retrain_in_worker
+    )
 
 
 _WORKER: Retrainer | None = None
