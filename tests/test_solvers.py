@@ -62,7 +62,9 @@ def test_lanczos_needs_fewer_hvps_than_cg_normal_for_the_same_residual():
 
 
 def test_lanczos_stops_at_an_invariant_subspace():
-    """b in the span of 3 eigenvectors: the Krylov space is 3-dimensional and the answer exact after 3 steps."""
+    """b in the span of 3 eigenvectors: the Krylov space is 3-dimensional and the answer exact after 3 steps. Whether
+    step 4 is flagged invariant (β ≈ 0) or runs on a rounding-level direction depends on the BLAS's summation order
+    (with 2 threads β/‖Hq‖ was ~5e-13, just above the 1e3·eps test), so the stop is allowed two steps later."""
     p, lam = 50, 0.01
     A = indefinite(p, seed=4)
     eigs, V = torch.linalg.eigh(A)
@@ -70,7 +72,7 @@ def test_lanczos_stops_at_an_invariant_subspace():
     X, report = solve(Dense(A), b, {"method": "lanczos", "damping": lam, "iterations": 40, "tol": 1e-14}, "t")
     want = torch.linalg.solve(A @ A + lam * torch.eye(p, dtype=torch.float64), A @ b.T).T
     assert float((X - want).norm() / want.norm()) < 1e-10
-    assert report.iterations <= 4
+    assert report.iterations <= 6
 
 
 class DenseWithPoint(Dense):
