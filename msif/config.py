@@ -129,6 +129,10 @@ def resolve_dtype(name: str):
     return {"float32": torch.float32, "float64": torch.float64}[name]
 
 
+# Hessian settings that change how HVPs are formed, not the numbers (up to rounding): not part of a run's signature
+HOW_NOT_WHAT = ("graph_budget_gib",)
+
+
 def influence_settings(cfg: DictConfig, finetune_signature: str) -> dict[str, Any]:
     """The settings that determine an influence table, chained to its finetune checkpoint's signature (single-stage:
     the pretrain checkpoint's)."""
@@ -140,7 +144,9 @@ def influence_settings(cfg: DictConfig, finetune_signature: str) -> dict[str, An
             "solver": cfg.solver.pretrain,
             "target": {k: v for k, v in cfg.target.items() if k != "chunk"},
             "score": {"indices": cfg.score.indices},
-            "hessian": {k: v for k, v in cfg.hessian.items() if k not in ("batch_size", "finetune_sample")},
+            "hessian": {
+                k: v for k, v in cfg.hessian.items() if k not in ("batch_size", "finetune_sample", *HOW_NOT_WHAT)
+            },
             "dtype": cfg.dtype,
         }
     return {
@@ -150,6 +156,6 @@ def influence_settings(cfg: DictConfig, finetune_signature: str) -> dict[str, An
         "solver": cfg.solver,
         "target": {k: v for k, v in cfg.target.items() if k != "chunk"},
         "score": {"indices": cfg.score.indices},
-        "hessian": {k: v for k, v in cfg.hessian.items() if k != "batch_size"},
+        "hessian": {k: v for k, v in cfg.hessian.items() if k not in ("batch_size", *HOW_NOT_WHAT)},
         "dtype": cfg.dtype,
     }

@@ -49,6 +49,11 @@ def _commit() -> str:
         return "unknown"
 
 
+def seconds(x: float) -> str:
+    """Seconds for a table: one decimal below 10 s (a fast run is not "0"), whole seconds above."""
+    return f"{x:,.1f}" if x < 10 else f"{x:,.0f}"
+
+
 def write_report(folder: Path, plan: DictConfig, entries: list[Entry], compute: float, wall: float) -> Path:
     """Write folder/REPORT.md (atomically) and return its path."""
     lines = [
@@ -70,7 +75,7 @@ def write_report(folder: Path, plan: DictConfig, entries: list[Entry], compute: 
     for e in entries:
         lines.append(
             f"| {_cell(e.title)} | {_cell(e.paper)} | {_cell(e.measured)} | {_cell(e.settings)} | "
-            f"{e.compute:,.0f} | {e.wall:,.0f} |"
+            f"{seconds(e.compute)} | {seconds(e.wall)} |"
         )
     lines += [
         "",

@@ -140,7 +140,8 @@ def test_every_scoring_method_gives_the_explicit_per_test_scores(problem, method
 
 
 def test_jvp_in_direction_chunks_and_auto_above_its_measuring_limit(problem, monkeypatch):
-    """Forward-mode scoring of K targets runs JVP_CHUNK directions at a time (bounded memory) with the same numbers;
+    """Forward-mode scoring of K targets runs JVP_CHUNK directions and JVP_ROWS examples at a time (bounded memory)
+    with the same numbers;
     above AUTO_MEASURE_MAX_K targets `auto` takes per-example gradients without trying jvp."""
     from msif.influence import scoring
 
@@ -155,6 +156,7 @@ def test_jvp_in_direction_chunks_and_auto_above_its_measuring_limit(problem, mon
 
     whole, _ = scores("jvp")
     monkeypatch.setattr(scoring, "JVP_CHUNK", 3)
+    monkeypatch.setattr(scoring, "JVP_ROWS", 5)  # batches of 16 in passes of 5, 5, 5 and 1 rows
     monkeypatch.setattr(scoring, "AUTO_MEASURE_MAX_K", 5)
     chunked, _ = scores("jvp")
     assert torch.allclose(chunked, whole, rtol=1e-12, atol=1e-14 * whole.abs().max())

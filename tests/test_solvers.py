@@ -158,3 +158,32 @@ def test_lanczos_in_groups_equals_lanczos_in_one_block(monkeypatch):
     X2, r2 = solve(Dense(A), B, settings, "t")
     assert torch.allclose(X1, X2, rtol=0, atol=1e-12 * float(X1.abs().max()))
     assert r2.iterations == r1.iterations and abs(r2.residual - r1.residual) < 1e-12
+
+
+@pytest.mark.parametrize("normal", [True, False])
+def test_lanczos_residuals_equal_directly_computed_ones_and_cost_at_most_one_hvp(normal):
+    """The reported residuals come from the HVPs the steps already made (H X = ‖b‖ Q C y): in float32, stopped far
+    from convergence, they must equal ‖(H² + λI)x − Hb‖/‖Hb‖ (or ‖(H + λI)x − b‖/‖b‖) and ‖Hx − b‖/‖b‖ computed
+    here with the dense matrix, and the check costs one HVP (normal) or none (MINRES)."""
+    p, lam, steps = 120, 0.01, 12
+    A = indefinite(p, seed=4).float()
+    B = torch.randn(3, p, generator=torch.Generator().manual_seed(5)).float()
+    H = Dense(A)
+    X, report = solve(
+        H,
+        B,
+        {"method": "lanczos", "damping": lam, "iterations": steps, "tol": 0.0, "normal": normal, "max_residual": 1e9},
+        "t",
+    )
+    A64, X64, B64 = A.double(), X.double(), B.double()
+    HX = X64 @ A64
+    if normal:
+        HB = B64 @ A64
+        want = ((HX @ A64 + lam * X64 - HB).norm(dim=1) / HB.norm(dim=1)).max()
+    else:
+        want = ((HX + lam * X64 - B64).norm(dim=1) / B64.norm(dim=1)).max()
+    want_inverse = ((HX - B64).norm(dim=1) / B64.norm(dim=1)).max()
+    assert report.residual > 1e-3  # really unconverged, so the comparison means something
+    assert report.residual == pytest.approx(float(want), rel=1e-3)
+    assert report.inverse_residual == pytest.approx(float(want_inverse), rel=1e-3)
+    assert report.hvps == len(B) * (steps + (1 if normal else 0))

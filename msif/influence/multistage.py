@@ -79,7 +79,9 @@ def mixed_term(H_F_full: Hessian, finetune_space: ParamSpace, A: torch.Tensor) -
     W = finetune_space.block("embedding.")
     padded = torch.zeros(len(A), finetune_space.size, dtype=A.dtype, device=A.device)
     padded[:, W.stop :] = A
-    return H_F_full.matvec(padded)[:, W]
+    out = H_F_full.matvec(padded)[:, W]
+    H_F_full.release()
+    return out
 
 
 def pad_to_pretrain_space(vec_W: torch.Tensor, pretrain_space: ParamSpace) -> torch.Tensor:

@@ -5,10 +5,10 @@ and its settings, and returns X (K, p) with a `SolveReport`:
 
 - `cg_normal` (the paper's): CG on (H² + λI) x = H b, two HVPs per iteration, fine for indefinite H.
 - `cg`: CG on (H + λI) x = b, one HVP per iteration; needs H + λI positive definite.
-- `lanczos` (the default): Lanczos on H from each b (full reorthogonalisation, one HVP per step) and the best answer over the Krylov
-  space K_j(H, b): for the paper's system (`normal: true`, default) the one with the least (H² + λI)-norm error, which
-  is never worse than cg_normal after j/2 iterations (2 HVPs each); with `normal: false`, MINRES on (H + λI) x = b.
-  Handles indefinite H; stops when the relative change of x between steps falls below `tol`.
+- `lanczos` (the default): Lanczos on H from each b (full reorthogonalisation, one HVP per step) and the best answer
+  over the Krylov space K_j(H, b): for the paper's system (`normal: true`, default) the one with the least
+  (H² + λI)-norm error, which is never worse than cg_normal after j/2 iterations (2 HVPs each); with `normal: false`,
+  MINRES on (H + λI) x = b. Handles indefinite H; stops when the relative change of x between steps falls below `tol`.
 - `lowrank`: the same filter applied with `rank` Ritz pairs of H fitted once by Lanczos from a random start and cached
   (msif.influence.curvature): x = U f(θ) Uᵀ b, any number of targets for two small matrix products; an approximation
   (directions outside span(U) are dropped) whose residual is reported, measured on the first 2 columns.
@@ -18,9 +18,11 @@ and its settings, and returns X (K, p) with a `SolveReport`:
   (H² + λI) x = H b (the dense ground truth of `cg_normal`); small models only.
 - `identity`: H⁻¹ replaced by I (the paper's Figure 3 ablation); x = b.
 
-Each reports the relative residual ‖A x − r‖ / ‖r‖ of the system it solved (recomputed from scratch at the end, not
-the recursive estimate), and ‖H x − b‖ / ‖b‖, how far x is from an exact inverse. NaN, infinity or a residual above
-`max_residual` is an error (an unconverged solve is not presented as a ranking); above 10 × `tol`, a warning.
+Each reports the relative residual ‖A x − r‖ / ‖r‖ of the system it solved (recomputed at the end from H x, not
+the recursive estimate; lanczos has H x and H b from its own HVPs, exactly up to rounding, so its check costs one HVP
+per column, H (H x), or none for MINRES), and ‖H x − b‖ / ‖b‖, how far x is from an exact inverse. NaN, infinity or
+a residual above `max_residual` is an error (an unconverged solve is not presented as a ranking); above 10 × `tol`,
+a warning.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def solve(H, B: torch.Tensor, settings, label: str) -> tuple[torch.Tensor, Solve
     damping = float(settings.get("damping", 0.0))
     report = SolveReport(label, method, damping)
     calls0, start = H.calls, time.perf_counter()
+    HX_known = HB_known = None  # H X and H B where the solver has them from its own HVPs (lanczos)
     if method == "identity":
         X = B.clone()
     elif method == "exact":
@@ -76,7 +79,7 @@ def solve(H, B: torch.Tensor, settings, label: str) -> tuple[torch.Tensor, Solve
     elif method == "cg_normal":
         X = _cg(lambda V: H.matvec(H.matvec(V)) + damping * V, H.matvec(B), settings, report)
     elif method == "lanczos":
-        X = _lanczos(H, B, damping, settings, report)
+        X, HX_known, HB_known = _lanczos(H, B, damping, settings, report)
     elif method == "lowrank":
         curv = ritz_curvature(H, int(settings.get("rank", 100)), int(settings.get("seed", 0)))
         X = curv.apply(B, damping, bool(settings.get("normal", True)))
@@ -90,7 +93,7 @@ def solve(H, B: torch.Tensor, settings, label: str) -> tuple[torch.Tensor, Solve
         )
     if method != "identity":
         Bc, Xc = (B[:CHECK_COLUMNS], X[:CHECK_COLUMNS]) if method == "lowrank" else (B, X)
-        HX = H.matvec(Xc)
+        HX = H.matvec(Xc) if HX_known is None else HX_known
         report.inverse_residual = _max_rel(HX - Bc, Bc)
         normal = (method == "exact" and settings.get("normal", False)) or (
             method in ("lanczos", "lowrank") and settings.get("normal", True)
@@ -98,12 +101,14 @@ def solve(H, B: torch.Tensor, settings, label: str) -> tuple[torch.Tensor, Solve
         if method == "cg":
             report.residual = _max_rel(HX + damping * Xc - Bc, Bc)
         elif method == "cg_normal" or normal:
-            HB = H.matvec(Bc)
+            HB = H.matvec(Bc) if HB_known is None else HB_known
             report.residual = _max_rel(H.matvec(HX) + damping * Xc - HB, HB)
         else:  # exact, lissa, lanczos / lowrank with normal: false
             report.residual = _max_rel(HX + damping * Xc - Bc, Bc)
     report.hvps = H.calls - calls0
     report.seconds = time.perf_counter() - start
+    if hasattr(H, "release"):
+        H.release()  # kept gradient graphs (msif.influence.hessian) do not outlive the solve
     _check(report, settings)
     return X, report
 
@@ -179,8 +184,9 @@ def _cg(apply_A, R0: torch.Tensor, settings, report: SolveReport) -> torch.Tenso
 LANCZOS_BASIS_BYTES = 2 * 2**30  # the Krylov bases of the columns solved together stay under this
 
 
-def _lanczos(H, B: torch.Tensor, damping: float, settings, report: SolveReport) -> torch.Tensor:
-    """Lanczos for every row of B, in groups whose Krylov bases (steps × p each) fit in LANCZOS_BASIS_BYTES."""
+def _lanczos(H, B: torch.Tensor, damping: float, settings, report: SolveReport):
+    """Lanczos for every row of B, in groups whose Krylov bases (steps × p each) fit in LANCZOS_BASIS_BYTES.
+    Returns X, H X and H B (the last two from the HVPs the steps made; see `_lanczos_block`)."""
     steps = int(settings.get("iterations", 100)) + 1
     group = max(1, LANCZOS_BASIS_BYTES // (steps * B.shape[1] * B.element_size()))
     if len(B) <= group:
@@ -193,24 +199,31 @@ def _lanczos(H, B: torch.Tensor, damping: float, settings, report: SolveReport) 
     longest = max(len(h) for h in histories)  # per step, the worst column of any group
     report.history = [max(h[j] for h in histories if j < len(h)) for j in range(longest)]
     report.iterations = longest
-    return torch.cat(parts)
+    return tuple(torch.cat(part) for part in zip(*parts, strict=True))
 
 
-def _lanczos_block(H, B: torch.Tensor, damping: float, settings, report: SolveReport) -> torch.Tensor:
+def _lanczos_block(H, B: torch.Tensor, damping: float, settings, report: SolveReport):
     """x = ‖b‖ Q y, the best answer over the Krylov space K_j(H, b) (see `_projected`), grown one HVP per step for
-    every column at once.
+    every column at once; returns X, H X and H B.
 
     Q (K, j, p) is reorthogonalised in full (twice, classical Gram–Schmidt), so T = QᵀHQ holds to rounding. A column
     whose Krylov space becomes invariant (β ≈ 0) has its exact answer and stops growing; the solve stops when every
     column's ‖x_j − x_{j−1}‖ / ‖x_j‖ is below `tol`.
+
+    Each step's HVP is kept as coefficients: H q_i = Σ_{k≤i} c_ik q_k + β_i q_{i+1}, with c_i the Gram–Schmidt
+    projections of both passes, exact up to float rounding (an identity on the computed vectors, not a recursion that
+    drifts). So H X = ‖b‖ Q C y and H B = ‖b‖ H q_0 come without further HVPs, and the final residual check of the
+    paper's system costs one HVP (H (H X)) instead of three.
     """
     iters, tol = int(settings.get("iterations", 100)), float(settings.get("tol", 1e-6))
     normal = bool(settings.get("normal", True))
     K = len(B)
-    bnorm = B.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
+    tiny = torch.finfo(B.dtype).tiny
+    bnorm = B.norm(dim=1).clamp_min(tiny)
     Q = [B / bnorm[:, None]]
     alphas: list[torch.Tensor] = []
     betas: list[torch.Tensor] = []
+    coefs: list[torch.Tensor] = []  # coefs[i] (K, i+1): H q_i's components on q_0..q_i
     y_prev = torch.zeros(K, 0, dtype=torch.float64, device=B.device)
     live = torch.ones(K, dtype=torch.bool, device=B.device)
     with progress(transient=True) as bar:
@@ -219,13 +232,19 @@ def _lanczos_block(H, B: torch.Tensor, damping: float, settings, report: SolveRe
             W = H.matvec(Q[-1])
             alphas.append((W * Q[-1]).sum(1))
             basis = torch.stack(Q, 1)  # (K, j+1, p)
+            c = torch.zeros(K, j + 1, dtype=B.dtype, device=B.device)
             for _ in range(2):
-                W -= torch.einsum("kjp,kj->kp", basis, torch.einsum("kjp,kp->kj", basis, W))
+                proj = torch.einsum("kjp,kp->kj", basis, W)
+                W -= torch.einsum("kjp,kj->kp", basis, proj)
+                c += proj
+            coefs.append(c)
             beta = W.norm(dim=1)
-            scale = torch.stack(alphas, 1).abs().amax(1).clamp_min(torch.finfo(B.dtype).tiny)
+            scale = torch.stack(alphas, 1).abs().amax(1).clamp_min(tiny)
             live &= beta > 1e3 * torch.finfo(B.dtype).eps * scale  # invariant subspace: this column is exact
             beta = torch.where(live, beta, torch.zeros_like(beta))
-            y = _projected(torch.stack(alphas, 1), torch.stack(betas, 1) if betas else None, beta, damping, normal)
+            betas.append(beta)
+            Q.append(torch.where(live[:, None], W / beta.clamp_min(tiny)[:, None], 0.0))
+            y = _projected(torch.stack(alphas, 1), torch.stack(betas[:-1], 1) if j else None, beta, damping, normal)
             change = (y - torch.nn.functional.pad(y_prev, (0, 1))).norm(dim=1) / y.norm(dim=1).clamp_min(1e-300)
             y_prev = y
             report.history.append(float(change.max()))
@@ -233,10 +252,17 @@ def _lanczos_block(H, B: torch.Tensor, damping: float, settings, report: SolveRe
             bar.update(task, completed=j + 1, info=f"change {report.history[-1]:.2e}")
             if j > 0 and bool(((change < tol) | ~live).all()):
                 break
-            betas.append(beta)
-            Q.append(torch.where(live[:, None], W / beta.clamp_min(torch.finfo(B.dtype).tiny)[:, None], 0.0))
-    basis = torch.stack(Q[: y.shape[1]], 1)
-    return bnorm[:, None] * torch.einsum("kjp,kj->kp", basis, y.to(B.dtype))
+    steps = y.shape[1]
+    basis = torch.stack(Q[: steps + 1], 1)  # (K, steps + 1, p)
+    C = torch.zeros(K, steps + 1, steps, dtype=B.dtype, device=B.device)
+    for i in range(steps):
+        C[:, : i + 1, i] = coefs[i]
+        C[:, i + 1, i] = betas[i]
+    y = y.to(B.dtype)
+    X = bnorm[:, None] * torch.einsum("kjp,kj->kp", basis[:, :steps], y)
+    HX = bnorm[:, None] * torch.einsum("kjp,kj->kp", basis, torch.einsum("kij,kj->ki", C, y))
+    HB = bnorm[:, None] * torch.einsum("kjp,kj->kp", basis[:, :2], C[:, :2, 0]) if steps > 0 else None
+    return X, HX, HB
 
 
 def _projected(alphas: torch.Tensor, betas: torch.Tensor | None, last: torch.Tensor, damping: float, normal: bool):

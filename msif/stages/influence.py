@@ -198,7 +198,16 @@ def build_influence(cfg: DictConfig, pre: Trained, fin: Trained, tasks: Tasks, d
     )
     keep_curvature(msi.H_G, pre)
     keep_curvature(msi.H_F, fin)
+    budget_graphs(cfg, msi.H_G, msi.H_F, getattr(msi, "H_F_full", None))
     return msi
+
+
+def budget_graphs(cfg: DictConfig, *hessians) -> None:
+    """hessian.graph_budget_gib: how much memory kept gradient graphs may take (msif.influence.hessian; 0: none)."""
+    budget = cfg.hessian.get("graph_budget_gib")
+    for H in hessians:
+        if H is not None and budget is not None:
+            H.graph_budget = int(float(budget) * 2**30)
 
 
 def keep_curvature(H, trained: Trained) -> None:
@@ -244,6 +253,7 @@ def build_single_stage(cfg: DictConfig, pre: Trained, tasks: Tasks, device) -> S
         score_method=cfg.score.method,
     )
     keep_curvature(ssi.H, pre)
+    budget_graphs(cfg, ssi.H)
     return ssi
 
 

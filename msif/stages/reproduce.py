@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from msif.config import to_plain
 from msif.console import console, say, table
 from msif.errors import MsifError
-from msif.report import Entry, write_report
+from msif.report import Entry, seconds, write_report
 from msif.stages.common import read_json
 
 KINDS = ("loo", "identity", "per_test", "histograms", "cleanse")
@@ -119,7 +119,7 @@ def reproduce(cfg: DictConfig) -> Path:
         table(
             f"reproduce ({plan.name}): {len(entries)} experiments",
             ["experiment", "paper", "msif", "compute (s)", "this run (s)"],
-            [[x.id, x.paper, x.measured, f"{x.compute:,.0f}", f"{x.wall:,.0f}"] for x in entries],
+            [[x.id, x.paper, x.measured, seconds(x.compute), seconds(x.wall)] for x in entries],
         )
     )
     say(f"report: {path}")
