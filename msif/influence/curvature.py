@@ -21,6 +21,7 @@ import torch
 
 from msif import distributed
 from msif.console import progress, say
+from msif.influence.krylov import Krylov
 from msif.io import atomic_torch_save, load_tensors
 
 FORMAT = 1
@@ -46,33 +47,25 @@ class RitzCurvature:
 
 
 def fit_ritz(H, rank: int, seed: int = 0) -> RitzCurvature:
-    """`rank` Lanczos steps on H from a random unit vector (seeded), full reorthogonalisation -> Ritz pairs."""
+    """`rank` Lanczos steps on H (msif.influence.krylov) from a random unit vector (seeded) -> Ritz pairs."""
     start = time.perf_counter()
     calls0 = H.calls
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, H.size, generator=g, dtype=torch.float64).to(H.point.device, H.point.dtype)
-    Q = [q / q.norm()]
-    alphas, betas = [], []
+    krylov = Krylov(H, q)
     with progress(transient=True) as bar:
         task = bar.add_task("fitting the Hessian's Ritz pairs (lanczos)", total=rank, info="")
         for j in range(min(rank, H.size)):
-            w = H.matvec(Q[-1])
-            alphas.append(float((w * Q[-1]).sum()))
-            basis = torch.cat(Q)  # (j+1, p)
-            for _ in range(2):
-                w = w - (w @ basis.T) @ basis
-            beta = float(w.norm())
+            krylov.step()
             bar.update(task, completed=j + 1)
-            if j == rank - 1 or beta <= 1e3 * torch.finfo(w.dtype).eps * max(abs(a) for a in alphas):
-                break  # the requested rank, or an invariant subspace (exact on it)
-            betas.append(beta)
-            Q.append(w / beta)
-    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if betas:
-        off = torch.diag(torch.tensor(betas, dtype=torch.float64), 1)
-        T = T + off + off.T
+            if not bool(krylov.live.all()):
+                break  # an invariant subspace: the pairs are exact on it
+    alphas, off, _ = krylov.tridiagonal()
+    T = torch.diag(alphas[0].double())
+    if off is not None:
+        T = T + torch.diag(off[0].double(), 1) + torch.diag(off[0].double(), -1)
     theta, V = torch.linalg.eigh(T)
-    vectors = V.T.to(H.point.dtype).to(H.point.device) @ torch.cat(Q)
+    vectors = V.T.to(H.point.dtype).to(H.point.device) @ krylov.basis(krylov.steps)[0]
     return RitzCurvature(theta, vectors, H.calls - calls0, time.perf_counter() - start)
 
 

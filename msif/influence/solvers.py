@@ -36,6 +36,7 @@ import torch
 from msif.console import progress, say
 from msif.errors import MsifError
 from msif.influence.curvature import ritz_curvature
+from msif.influence.krylov import Krylov
 
 METHODS = ("cg_normal", "lanczos", "lowrank", "cg", "lissa", "exact", "identity")
 CHECK_COLUMNS = 2  # lowrank: the residual is measured on this many columns (3 HVPs each), not on all K
@@ -204,65 +205,29 @@ def _lanczos(H, B: torch.Tensor, damping: float, settings, report: SolveReport):
 
 def _lanczos_block(H, B: torch.Tensor, damping: float, settings, report: SolveReport):
     """x = ‖b‖ Q y, the best answer over the Krylov space K_j(H, b) (see `_projected`), grown one HVP per step for
-    every column at once; returns X, H X and H B.
+    every column at once (msif.influence.krylov); returns X, H X and H B.
 
-    Q (K, j, p) is reorthogonalised in full (twice, classical Gram–Schmidt), so T = QᵀHQ holds to rounding. A column
-    whose Krylov space becomes invariant (β ≈ 0) has its exact answer and stops growing; the solve stops when every
-    column's ‖x_j − x_{j−1}‖ / ‖x_j‖ is below `tol`.
-
-    Each step's HVP is kept as coefficients: H q_i = Σ_{k≤i} c_ik q_k + β_i q_{i+1}, with c_i the Gram–Schmidt
-    projections of both passes, exact up to float rounding (an identity on the computed vectors, not a recursion that
-    drifts). So H X = ‖b‖ Q C y and H B = ‖b‖ H q_0 come without further HVPs, and the final residual check of the
-    paper's system costs one HVP (H (H X)) instead of three.
+    The solve stops when every column's ‖x_j − x_{j−1}‖ / ‖x_j‖ is below `tol` or its space is invariant (exact).
+    H X = ‖b‖ Q C y and H B come from the HVPs the steps made (exact up to rounding), so the final residual check of
+    the paper's system costs one HVP per column (H (H X)) instead of three.
     """
     iters, tol = int(settings.get("iterations", 100)), float(settings.get("tol", 1e-6))
     normal = bool(settings.get("normal", True))
-    K = len(B)
-    tiny = torch.finfo(B.dtype).tiny
-    bnorm = B.norm(dim=1).clamp_min(tiny)
-    Q = [B / bnorm[:, None]]
-    alphas: list[torch.Tensor] = []
-    betas: list[torch.Tensor] = []
-    coefs: list[torch.Tensor] = []  # coefs[i] (K, i+1): H q_i's components on q_0..q_i
-    y_prev = torch.zeros(K, 0, dtype=torch.float64, device=B.device)
-    live = torch.ones(K, dtype=torch.bool, device=B.device)
+    krylov = Krylov(H, B)
+    y_prev = torch.zeros(len(B), 0, dtype=torch.float64, device=B.device)
     with progress(transient=True) as bar:
         task = bar.add_task(f"{report.label} (lanczos)", total=iters, info="")
         for j in range(iters):
-            W = H.matvec(Q[-1])
-            alphas.append((W * Q[-1]).sum(1))
-            basis = torch.stack(Q, 1)  # (K, j+1, p)
-            c = torch.zeros(K, j + 1, dtype=B.dtype, device=B.device)
-            for _ in range(2):
-                proj = torch.einsum("kjp,kp->kj", basis, W)
-                W -= torch.einsum("kjp,kj->kp", basis, proj)
-                c += proj
-            coefs.append(c)
-            beta = W.norm(dim=1)
-            scale = torch.stack(alphas, 1).abs().amax(1).clamp_min(tiny)
-            live &= beta > 1e3 * torch.finfo(B.dtype).eps * scale  # invariant subspace: this column is exact
-            beta = torch.where(live, beta, torch.zeros_like(beta))
-            betas.append(beta)
-            Q.append(torch.where(live[:, None], W / beta.clamp_min(tiny)[:, None], 0.0))
-            y = _projected(torch.stack(alphas, 1), torch.stack(betas[:-1], 1) if j else None, beta, damping, normal)
+            krylov.step()
+            y = _projected(*krylov.tridiagonal(), damping, normal)
             change = (y - torch.nn.functional.pad(y_prev, (0, 1))).norm(dim=1) / y.norm(dim=1).clamp_min(1e-300)
             y_prev = y
             report.history.append(float(change.max()))
             report.iterations = j + 1
             bar.update(task, completed=j + 1, info=f"change {report.history[-1]:.2e}")
-            if j > 0 and bool(((change < tol) | ~live).all()):
+            if j > 0 and bool(((change < tol) | ~krylov.live).all()):
                 break
-    steps = y.shape[1]
-    basis = torch.stack(Q[: steps + 1], 1)  # (K, steps + 1, p)
-    C = torch.zeros(K, steps + 1, steps, dtype=B.dtype, device=B.device)
-    for i in range(steps):
-        C[:, : i + 1, i] = coefs[i]
-        C[:, i + 1, i] = betas[i]
-    y = y.to(B.dtype)
-    X = bnorm[:, None] * torch.einsum("kjp,kj->kp", basis[:, :steps], y)
-    HX = bnorm[:, None] * torch.einsum("kjp,kj->kp", basis, torch.einsum("kij,kj->ki", C, y))
-    HB = bnorm[:, None] * torch.einsum("kjp,kj->kp", basis[:, :2], C[:, :2, 0]) if steps > 0 else None
-    return X, HX, HB
+    return krylov.combine(y), krylov.apply_H(y), krylov.apply_H_to_b()
 
 
 def _projected(alphas: torch.Tensor, betas: torch.Tensor | None, last: torch.Tensor, damping: float, normal: bool):
