@@ -95,8 +95,8 @@ def measured(fn):
 
 def scoring_worker(p) -> dict:
     """The fastest plain forward pass over every training example (`forward_floor`) vs msif scoring them (jvp and
-    per-example gradients, msif's default batch size), best of three interleaved rounds each; then msif's peak memory while scoring the
-    first m/4, m/2 and m examples."""
+    per-example gradients, msif's default batch size), best of three interleaved rounds each; then msif's peak
+    memory while scoring the first m/4, m/2 and m examples."""
     from msif.influence import SingleStageInfluence
 
     ssi = SingleStageInfluence(p.net, (p.x_train, p.y_train), solver={"method": "identity"})
