@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from msif.cleanse import CONDITIONS, compare_conditions, harmful_rows, random_rows, retrain_without
@@ -25,7 +24,7 @@ from msif.console import console, say, table
 from msif.data import Tasks
 from msif.errors import MsifError
 from msif.io import KEEP, append_csv_row, atomic_write_json, atomic_write_text, read_resumable_csv
-from msif.stages.common import run_jobs, setup, threads_per_worker
+from msif.stages.common import Setup, run_jobs, setup, threads_per_worker
 from msif.stages.finetune import ensure_finetuned
 from msif.stages.influence import influence, require_multi_stage
 
@@ -178,9 +177,8 @@ def _run(cfg: DictConfig, env, pre, jobs: list, start: str):
 
     if workers > 1:
         say(f"cleanse: {len(jobs)} retrains in {workers} processes, {threads} thread(s) each")
-    config = OmegaConf.to_yaml(cfg, resolve=True)
     for s, cond, result in run_jobs(
-        jobs, workers, threads, here, _init_worker, (config, threads), partial(_retrain_in_worker, start=start)
+        jobs, workers, threads, here, cfg, _init_worker, partial(_retrain_in_worker, start=start)
     ):
         if workers > 1:
             say(f"cleanse: finished seed {s}, {_LABELS[cond]}")
@@ -190,11 +188,8 @@ def _run(cfg: DictConfig, env, pre, jobs: list, start: str):
 _WORKER: tuple | None = None
 
 
-def _init_worker(config: str, threads: int) -> None:
+def _init_worker(cfg: DictConfig, env: Setup) -> None:
     global _WORKER
-    torch.set_num_threads(threads)
-    cfg = OmegaConf.create(config)
-    env = setup(cfg)
     pre, _ = ensure_finetuned(cfg, env.tasks)
     _WORKER = (cfg, env, pre)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from msif import distributed
 from msif.config import resolve_device, resolve_dtype, validate_config
@@ -132,13 +132,14 @@ def run_jobs(
     workers: int,
     threads: int,
     here: Callable[..., Any],
-    init: Callable[..., None],
-    initargs: tuple,
+    cfg: DictConfig,
+    init: Callable[[DictConfig, Setup], None],
     there: Callable[..., Any],
 ) -> Iterator[Any]:
     """Yield the result of each job (a tuple of arguments) as it finishes: `here(*job)` in this process with `threads`
-    torch threads when `workers` <= 1, else `there(*job)` in `workers` spawned processes, each set up once by
-    `init(*initargs)` (which sets its own threads). `init` and `there` must be module-level functions."""
+    torch threads when `workers` <= 1, else `there(*job)` in `workers` spawned processes. Each of those is set up
+    once by `_start_worker`: `threads` torch threads, `cfg` (resolved), `setup(cfg)`, then `init(cfg, env)` for the
+    stage's own state. `init` and `there` must be module-level functions."""
     if workers <= 1:
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -148,6 +149,15 @@ def run_jobs(
         finally:
             torch.set_num_threads(previous)
         return
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=init, initargs=initargs) as pool:
+    initargs = (OmegaConf.to_yaml(cfg, resolve=True), threads, init)
+    with ProcessPoolExecutor(
+        workers, mp_context=get_context("spawn"), initializer=_start_worker, initargs=initargs
+    ) as pool:
         for f in as_completed([pool.submit(there, *job) for job in jobs]):
             yield f.result()
+
+
+def _start_worker(config: str, threads: int, init: Callable[[DictConfig, Setup], None]) -> None:
+    torch.set_num_threads(threads)
+    cfg = OmegaConf.create(config)
+    init(cfg, setup(cfg))

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from msif.cli import CONF_DIR
@@ -22,7 +21,7 @@ from msif.data import Tasks
 from msif.errors import MsifError
 from msif.io import KEEP, append_csv_row, atomic_write_json, atomic_write_text, read_resumable_csv
 from msif.loo import Retrainer, correlation, select_examples
-from msif.stages.common import read_json, run_jobs, setup, threads_per_worker
+from msif.stages.common import Setup, read_json, run_jobs, setup, threads_per_worker
 from msif.stages.finetune import ensure_finetuned
 from msif.stages.influence import influence, predict, require_multi_stage, select_targets
 
@@ -187,20 +186,16 @@ def _run(cfg: DictConfig, retrainer: Retrainer, todo: list[int]):
         start = time.perf_counter()
         return z, retrainer.test_loss(z), time.perf_counter() - start
 
-    config = OmegaConf.to_yaml(cfg, resolve=True)
     yield from run_jobs(
-        [(z,) for z in todo], int(cfg.loo.workers), threads, here, _init_worker, (config, threads), _retrain_in_worker
+        [(z,) for z in todo], int(cfg.loo.workers), threads, here, cfg, _init_worker, _retrain_in_worker
     )
 
 
 _WORKER: Retrainer | None = None
 
 
-def _init_worker(config: str, threads: int) -> None:
+def _init_worker(cfg: DictConfig, env: Setup) -> None:
     global _WORKER
-    torch.set_num_threads(threads)
-    cfg = OmegaConf.create(config)
-    env = setup(cfg)
     pre, fin = ensure_finetuned(cfg, env.tasks)
     targets = select_targets(
         cfg.target,
