@@ -11,13 +11,11 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from msif import __version__
-from msif.console import print_error
-from msif.errors import MsifError
-
-CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+from msif.config import CONF_DIR
+from msif.console import print_error, terminal
+from msif.errors import MsifError, SolverError
 
 
 @dataclass(frozen=True)
@@ -104,9 +102,10 @@ def run_stage(name: str, entry: str, overrides: list[str]) -> int:
     @hydra.main(config_path=CONF_DIR, config_name=name.replace("-", "_"), version_base="1.3")
     def app(cfg) -> None:
         try:
-            fn(cfg)
+            with terminal():
+                fn(cfg)
         except MsifError as err:
-            print_error(err.message)
+            print_error(command_line_advice(err))
             raise SystemExit(2) from None
         except KeyboardInterrupt:
             print_error(
@@ -124,6 +123,14 @@ def run_stage(name: str, entry: str, overrides: list[str]) -> int:
     finally:
         sys.argv = saved
     return 0
+
+
+def command_line_advice(err: MsifError) -> str:
+    """The error's paragraph, with the command-line names of the solver settings it refers to."""
+    if isinstance(err, SolverError) and err.hessian and err.keys:
+        names = ", ".join(f"solver.{err.hessian}.{k}" for k in err.keys)
+        return f"{err.message} On the command line: {names} (or solver=<name> for both Hessians)."
+    return err.message
 
 
 if __name__ == "__main__":

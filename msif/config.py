@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from msif.errors import MsifError
+
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # the shipped configs (installed inside the package)
 
 # Bump when a change in the code changes what a stage computes from the same settings.
 FORMAT_VERSION = 1
@@ -23,6 +26,9 @@ def register_resolvers() -> None:
     """Register msif's OmegaConf resolvers (idempotent): `${mul:a,b}`."""
     if not OmegaConf.has_resolver("mul"):
         OmegaConf.register_new_resolver("mul", lambda a, b: a * b)
+
+
+register_resolvers()  # whoever composes a config imports this module first
 
 
 def to_plain(node: Any) -> Any:
@@ -60,7 +66,7 @@ def pretrain_settings(cfg: DictConfig) -> dict[str, Any]:
 
 def finetune_settings(cfg: DictConfig, pretrain_signature: str) -> dict[str, Any]:
     """The settings that determine a finetune checkpoint, chained to its pretrain checkpoint's signature."""
-    case = {"name": cfg.case.name, "update_embedding": cfg.case.update_embedding}
+    case = {"name": cfg.case.name, "update_embedding": cfg.case.name == "updated"}
     if cfg.case.get("proximal", False):
         case["alpha"] = cfg.case.alpha  # alpha changes training only when the proximal term is on
         case["proximal"] = True
@@ -159,3 +165,11 @@ def influence_settings(cfg: DictConfig, finetune_signature: str) -> dict[str, An
         "hessian": {k: v for k, v in cfg.hessian.items() if k not in ("batch_size", *HOW_NOT_WHAT)},
         "dtype": cfg.dtype,
     }
+
+
+def solver_group(cfg: DictConfig) -> dict:
+    """The `solver` group as typed, validated settings per Hessian (msif.influence.settings); a bad key is refused
+    with its full name (solver.pretrain.<key>)."""
+    from msif.influence.settings import solver_settings
+
+    return {side: solver_settings(to_plain(cfg.solver[side]), side) for side in ("pretrain", "finetune")}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,7 @@ from msif.errors import MsifError
 from msif.training import fit, train_finetune_net
 
 if TYPE_CHECKING:
-    from msif.stages.common import Trained
+    from msif.runs import Trained
 
 
 @dataclass
@@ -72,7 +73,7 @@ class Retrainer:
         # pretrained embedding, W** + (W' − W*) ("shifted"), or from W' itself ("pretrained"). In case fixed
         # W** = W*, so both start from W'.
         net = copy.deepcopy(self.fin.net).to(dev)
-        shifted = cfg.case.update_embedding and loo.get("finetune_start", "shifted") == "shifted"
+        shifted = cfg.case.name == "updated" and loo.get("finetune_start", "shifted") == "shifted"
         with torch.no_grad():
             for p, new, old in zip(
                 net.embedding.parameters(),
@@ -111,13 +112,13 @@ class Retrainer:
             )
 
 
-def select_examples(scores: pd.DataFrame, loo: DictConfig, m: int) -> list[int]:
-    """The pretraining rows to retrain without: explicit `indices`, or k chosen by `selection` (seeded).
+SELECTIONS = ("mix", "top", "random")
 
-    `mix` (default): the k/2 largest |scores|, then a uniform random draw from the rest; `top`; `random`.
-    """
+
+def check_selection(loo: DictConfig, m: int) -> None:
+    """Refuse explicit `loo.indices` that are not rows of the m pretraining examples, or a bad `k` / `selection`."""
     if loo.indices is not None:
-        rows = list(loo.indices)
+        rows = list(loo.indices) if not isinstance(loo.indices, int) else [loo.indices]
         bad = [i for i in rows if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < m]
         if bad or not rows:
             raise MsifError(
@@ -127,15 +128,26 @@ def select_examples(scores: pd.DataFrame, loo: DictConfig, m: int) -> list[int]:
             )
         if len(set(rows)) != len(rows):
             raise MsifError("loo.indices lists some rows more than once.", "List each row once.")
-        return rows
-    k = int(loo.k)
-    if not 1 <= k <= m:
+        return
+    k = loo.k
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= m:
         raise MsifError(
-            f"loo.k={k} asks for more leave-one-out retrains than there are pretraining examples ({m}).",
+            f"loo.k={k} is not a number of leave-one-out retrains between 1 and the {m} pretraining examples.",
             f"Use loo.k between 1 and {m}.",
         )
-    if loo.selection not in ("mix", "top", "random"):
+    if loo.selection not in SELECTIONS:
         raise MsifError(f"Unknown loo.selection '{loo.selection}'.", "Use mix, top or random (or loo.indices).")
+
+
+def select_examples(scores: pd.DataFrame, loo: DictConfig, m: int) -> list[int]:
+    """The pretraining rows to retrain without: explicit `indices`, or k chosen by `selection` (seeded).
+
+    `mix` (default): the k/2 largest |scores|, then a uniform random draw from the rest; `top`; `random`.
+    """
+    check_selection(loo, m)
+    if loo.indices is not None:
+        return list(loo.indices) if not isinstance(loo.indices, int) else [loo.indices]
+    k = int(loo.k)
     by_size = scores.assign(a=scores["score"].abs()).sort_values(["a", "index"], ascending=[False, True])
     ordered = by_size["index"].to_numpy()
     rng = np.random.default_rng(int(loo.seed))
@@ -148,28 +160,49 @@ def select_examples(scores: pd.DataFrame, loo: DictConfig, m: int) -> list[int]:
 
 
 def correlation(predicted: np.ndarray, actual: np.ndarray, seed: int = 0, resamples: int = 2000) -> dict:
-    """Pearson r and Spearman ρ with percentile-bootstrap 95% intervals (pairs resampled, seeded)."""
+    """Pearson r and Spearman ρ, with BCa bootstrap 95% intervals over resampled (predicted, actual) pairs (seeded;
+    scipy.stats.bootstrap, vectorised), and the least-squares slope of predicted on actual."""
+    from scipy import stats
 
-    def pearson(a, b):
-        a, b = a - a.mean(), b - b.mean()
-        den = math.sqrt(float((a * a).sum() * (b * b).sum()))
-        return float((a * b).sum() / den) if den > 0 else float("nan")
-
-    def spearman(a, b):
-        return pearson(pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy())
-
+    predicted, actual = np.asarray(predicted, dtype=float), np.asarray(actual, dtype=float)
     n = len(actual)
-    out = {"n": n, "pearson_r": pearson(predicted, actual), "spearman_rho": spearman(predicted, actual)}
-    if n >= 3:
-        rng = np.random.default_rng(seed)
-        boots = {"pearson_r": [], "spearman_rho": []}
-        for _ in range(resamples):
-            i = rng.integers(0, n, n)
-            boots["pearson_r"].append(pearson(predicted[i], actual[i]))
-            boots["spearman_rho"].append(spearman(predicted[i], actual[i]))
-        for key, values in boots.items():
-            v = np.array([x for x in values if math.isfinite(x)])
-            out[f"{key}_ci95"] = [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) else None
+    measures = {"pearson_r": _pearson, "spearman_rho": _spearman}
+    out: dict = {"n": n, **{key: float(fn(predicted, actual)) for key, fn in measures.items()}}
+    if resamples > 0:
+        for key, fn in measures.items():
+            ci = None
+            if n >= 3:
+                with warnings.catch_warnings():  # degenerate resamples (constant columns) give NaN, not a warning
+                    warnings.simplefilter("ignore")
+                    res = stats.bootstrap(
+                        (predicted, actual),
+                        fn,
+                        paired=True,
+                        vectorized=True,
+                        n_resamples=resamples,
+                        method="BCa",
+                        confidence_level=0.95,
+                        rng=np.random.default_rng(seed),
+                    )
+                low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+                ci = [low, high] if math.isfinite(low) and math.isfinite(high) else None
+            out[f"{key}_ci95"] = ci
     slope = np.polyfit(actual, predicted, 1) if n >= 2 and np.ptp(actual) > 0 else [float("nan")] * 2
     out["fit_slope"], out["fit_intercept"] = float(slope[0]), float(slope[1])
     return out
+
+
+def _pearson(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Pearson's r along `axis` (scipy.stats; NaN where either side is constant), batches of resamples at once."""
+    from scipy import stats
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant input: NaN
+        return stats.pearsonr(a, b, axis=axis).statistic
+
+
+def _spearman(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Spearman's ρ: Pearson's r of the ranks (average ranks for ties), as scipy.stats.spearmanr, along `axis`."""
+    from scipy.stats import rankdata
+
+    return _pearson(rankdata(a, axis=axis), rankdata(b, axis=axis), axis=axis)

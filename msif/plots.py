@@ -138,3 +138,63 @@ def cleanse_bars(summary: dict, path: Path, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     _save(fig, path)
+
+
+def influence_figure(frame, pre, test, norm, top_k: int, path: Path, title: str, what: str) -> None:
+    """The paper's Figure 4: the most harmful and most helpful pretraining images for the summed target, or per
+    target test image (first 8) when the table is per-test (`test_index` column)."""
+    mean, std = (norm.mean, norm.std) if norm is not None else (None, None)
+
+    def cells(f, kind: str) -> list:
+        return [
+            (
+                to_image(pre.x[int(i)], mean, std),
+                f"#{int(i)} {pre.class_names[int(pre.y[int(i)])]}\nI={score:.3g}",
+                kind,
+            )
+            for i, score in zip(f["index"], f["score"], strict=True)
+        ]
+
+    if "test_index" not in frame:
+        ordered = frame.sort_values("score", ascending=False)
+        rows = [
+            ("most harmful\n(largest I)", cells(ordered.head(top_k), "harmful")),
+            ("most helpful\n(smallest I)", cells(ordered.tail(top_k)[::-1], "helpful")),
+        ]
+    else:
+        top_k = min(top_k, 5)
+        rows = []
+        for t, f in list(frame.groupby("test_index", sort=False))[:8]:
+            ordered = f.sort_values("score", ascending=False)
+            caption = f"test #{int(t)}\ntrue {f['test_class_name'].iloc[0]}, pred. {f['test_prediction'].iloc[0]}"
+            target = (to_image(test.x[int(t)], mean, std), caption, "target")
+            rows.append(
+                (
+                    f"test #{int(t)}",
+                    [target, *cells(ordered.head(top_k), "harmful"), *cells(ordered.tail(top_k)[::-1], "helpful")],
+                )
+            )
+        what = f"each target test image (blue), {top_k} most harmful (red), {top_k} most helpful (green)"
+    influence_grid(rows, path, f"{title}: pretraining images by influence on {what}")
+
+
+def removed_figure(rows, scores, pre, norm, path: Path, title: str, per_row: int = 8) -> None:
+    """The removed pretraining images (most harmful first), `per_row` to a row."""
+    mean, std = (norm.mean, norm.std) if norm is not None else (None, None)
+    score = scores.set_index("index")["score"]
+    cells = [
+        (
+            to_image(pre.x[int(i)], mean, std),
+            f"#{int(i)} {pre.class_names[int(pre.y[int(i)])]}\nI={score[int(i)]:.3g}",
+            "harmful",
+        )
+        for i in rows
+    ]
+    influence_grid(
+        [
+            (f"removed\n{k + 1}-{min(k + per_row, len(cells))}", cells[k : k + per_row])
+            for k in range(0, len(cells), per_row)
+        ],
+        path,
+        f"{title}: the {len(cells)} most harmful pretraining images (largest I), removed by cleanse",
+    )

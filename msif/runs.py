@@ -6,7 +6,8 @@
 each holding checkpoint.pt, config.yaml (the resolved config), settings.json and metrics.json.
 
 `<sig>` hashes exactly the settings that determine the stage's result (msif.config.*_settings), and a finetune folder
-lives inside the pretrain folder it was made from. A checkpoint records its signature and settings; loading checks
+lives inside the pretrain folder it was made from. config.yaml is written by the lifecycle (msif.lifecycle) when a
+stage starts; the rest by `save_run`. A checkpoint records its signature and settings; loading checks
 both, so a checkpoint made with other settings is refused, never silently reused. `checkpoint.pt` is written last
 (atomically), so its presence marks a finished run.
 """
@@ -21,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from msif.config import finetune_settings, influence_settings, pretrain_settings, signature, to_plain
+from msif.config import signature, to_plain
 from msif.errors import MsifError
-from msif.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from msif.io import atomic_torch_save, atomic_write_json
+from msif.models import TwoStageNet
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "msif-checkpoint/1"
@@ -54,32 +56,21 @@ class RunFolder:
         return (self.path / self.marker).exists()
 
 
-def pretrain_run(cfg: DictConfig) -> RunFolder:
-    settings = pretrain_settings(cfg)
-    sig = signature(settings)
-    path = Path(cfg.output_root) / cfg.dataset.name / cfg.model.name / f"pretrain-{sig}"
-    return RunFolder("pretrain", path, settings)
+@dataclass
+class Trained:
+    """A finished pretrain or finetune stage: its run folder, the trained network (on CPU) and its metrics."""
 
-
-def finetune_run(cfg: DictConfig, pretrain: RunFolder) -> RunFolder:
-    settings = finetune_settings(cfg, pretrain.signature)
-    sig = signature(settings)
-    return RunFolder("finetune", pretrain.path / f"finetune-{cfg.case.name}-{sig}", settings)
-
-
-def influence_run(cfg: DictConfig, upstream: RunFolder) -> RunFolder:
-    """In the finetune run folder (multi-stage), or in the pretrain run folder (single-stage: influence-single-*)."""
-    settings = influence_settings(cfg, upstream.signature)
-    kind = "influence-single" if settings.get("mode") == "single_stage" else "influence"
-    return RunFolder("influence", upstream.path / f"{kind}-{signature(settings)}", settings, marker="summary.json")
+    run: RunFolder
+    net: TwoStageNet
+    metrics: dict[str, Any]
+    checkpoint: Path
 
 
 def save_run(
-    run: RunFolder, cfg: DictConfig, state: dict[str, Any], metrics: dict[str, Any], extra: dict[str, Any] | None = None
+    run: RunFolder, state: dict[str, Any], metrics: dict[str, Any], extra: dict[str, Any] | None = None
 ) -> None:
-    """Write config.yaml, settings.json, metrics.json, then checkpoint.pt (each atomically)."""
+    """Write settings.json, metrics.json, then checkpoint.pt (each atomically)."""
     run.path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), run.path / "config.yaml")
     atomic_write_json(
         {"stage": run.stage, "signature": run.signature, "settings": run.settings}, run.path / "settings.json"
     )
@@ -150,3 +141,30 @@ def resolve_upstream(cfg: DictConfig, expected: RunFolder) -> Path:
         return expected.checkpoint
     p = Path(str(given))
     return p / CHECKPOINT if p.is_dir() or p.suffix != ".pt" else p
+
+
+def load_state(net: TwoStageNet, state: dict[str, Any], path: Path) -> None:
+    """Load `state` = {"embedding": ..., "head": ...} into `net`, refusing a checkpoint of another architecture."""
+    try:
+        net.embedding.load_state_dict(state["embedding"])
+        net.head.load_state_dict(state["head"])
+    except (KeyError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0][:300]
+        raise MsifError(
+            f"The checkpoint {path} does not fit the network this config builds ({first}).",
+            "It was made with a different model; use the model config it was made with.",
+        ) from None
+
+
+def state_of(net: TwoStageNet) -> dict[str, Any]:
+    return {
+        "embedding": {k: v.detach().cpu().clone() for k, v in net.embedding.state_dict().items()},
+        "head": {k: v.detach().cpu().clone() for k, v in net.head.state_dict().items()},
+    }
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}

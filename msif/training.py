@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from msif.console import progress
 from msif.data import Examples, Tasks
+from msif.influence.params import embed
 from msif.models import build_finetune_net, build_pretrain_net
+from msif.progress import progress
 
 
 def batch_schedule(n: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
@@ -116,7 +117,7 @@ def train_finetune_net(
     """Finetune `net` in place as the case says: Θ alone on features computed once (fixed), or W and Θ together,
     with the proximal term α‖W − W̄‖² around the starting embedding W̄ when `case.proximal` (updated)."""
     t = cfg.train.finetune
-    if not cfg.case.update_embedding:
+    if cfg.case.name != "updated":
         for p in net.embedding.parameters():
             p.requires_grad_(False)
         features = embed(net.embedding, x, cfg.train.eval_batch_size)  # W is frozen: embed once, train Θ only
@@ -212,9 +213,3 @@ def evaluate(model: nn.Module, data: Examples | tuple[torch.Tensor, torch.Tensor
 def squared_distance(params, anchor: list[torch.Tensor]) -> torch.Tensor:
     """‖W − W̄‖² summed over matching parameter tensors."""
     return sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-
-
-@torch.no_grad()
-def embed(embedding: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Flattened embedding features of `x`, computed in batches."""
-    return torch.cat([embedding(x[i : i + batch_size]).flatten(1) for i in range(0, len(x), batch_size)])

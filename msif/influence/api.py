@@ -13,18 +13,20 @@ trained with mean cross-entropy. Data are (x, y) tensors or any iterable of (x, 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from msif.errors import MsifError
-from msif.influence.hessian import Hessian
+from msif.influence.hessian import GRAPH_BUDGET_BYTES, Hessian
 from msif.influence.multistage import Trace, ihvp1, ihvp2, mixed_term, pad_to_pretrain_space, target_gradient
-from msif.influence.params import ParamSpace, network_space, summed_loss
+from msif.influence.params import ParamSpace, embed, network_space, summed_loss
+from msif.influence.scoring import METHODS as SCORE_METHODS
 from msif.influence.scoring import score_network
-from msif.training import embed
+from msif.influence.settings import SolverSettings, solver_settings
 
 CASES = ("fixed", "updated")
 
@@ -40,6 +42,23 @@ def default_solver(
     """Solver settings for both Hessians (the shape of the `solver` config group)."""
     common = {"method": method, "iterations": iterations, "tol": tol, **extra}
     return {"pretrain": {**common, "damping": pretrain_damping}, "finetune": {**common, "damping": finetune_damping}}
+
+
+def both_solvers(solver: Mapping[str, Any] | None) -> dict[str, SolverSettings]:
+    """{"pretrain": ..., "finetune": ...} typed and validated (msif.influence.settings); `default_solver()` if None."""
+    solver = default_solver() if solver is None else solver
+    if not isinstance(solver, Mapping) or set(solver) != {"pretrain", "finetune"}:
+        raise MsifError(
+            "solver must be a mapping with the keys 'pretrain' and 'finetune' (one solver per Hessian).",
+            "Build it with msif.influence.default_solver(...), or pass {'pretrain': ..., 'finetune': ...}.",
+        )
+    return {side: solver_settings(solver[side], side) for side in ("pretrain", "finetune")}
+
+
+def check_score_method(method: str) -> str:
+    if method not in SCORE_METHODS:
+        raise MsifError(f"Unknown score method '{method}'.", f"Use one of {list(SCORE_METHODS)}.")
+    return method
 
 
 def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,13 +118,20 @@ class MultiStageInfluence:
         batch_size: int = 256,
         device: str | torch.device | None = None,
         score_method: str = "auto",
+        graph_budget: int = GRAPH_BUDGET_BYTES,
+        pretrain_cache_dir: str | Path | None = None,
+        finetune_cache_dir: str | Path | None = None,
     ):
+        """`solver`: one solver's settings per Hessian (`default_solver()`; typed `SolverSettings` or mappings).
+        `graph_budget`: bytes the Hessians' kept gradient graphs may take (0: never keep them).
+        `*_cache_dir`: where fitted curvature (the lowrank solver's Ritz pairs) of each Hessian is kept between
+        runs (None: in memory only)."""
         if case not in CASES:
             raise MsifError(f"Unknown finetune case '{case}'.", "Use case='fixed' or case='updated'.")
         self.case, self.alpha = case, float(alpha)
-        self.solver = solver or default_solver()
+        self.solver = both_solvers(solver)
         self.batch_size = batch_size
-        self.score_method = score_method  # msif.influence.scoring: auto | jvp | per_example
+        self.score_method = check_score_method(score_method)  # msif.influence.scoring: auto | jvp | per_example
         self.device = torch.device(device) if device is not None else next(pretrain_net.parameters()).device
         self.pretrain_net = copy.deepcopy(pretrain_net).to(self.device).eval()
         self.finetune_net = copy.deepcopy(finetune_net).to(self.device).eval()
@@ -120,6 +146,8 @@ class MultiStageInfluence:
             summed_loss(self.pretrain_net, self.pre_space),
             self.pre_point,
             _batches(self.x_pre, self.y_pre, self.hessian_index, batch_size, self.device),
+            graph_budget=graph_budget,
+            cache_dir=pretrain_cache_dir,
         )
 
         # The finetune side.
@@ -139,12 +167,25 @@ class MultiStageInfluence:
             head_params = {k: v.detach() for k, v in self.finetune_net.head.named_parameters()}
             head_space = ParamSpace(head_params)
             features = [(embed(self.finetune_net.embedding, x, batch_size), y) for x, y in fin_batches]
-            self.H_F = Hessian(summed_loss(self.finetune_net.head, head_space), self.fin_point[self.W.stop :], features)
-            self.H_F_full = Hessian(f_loss, self.fin_point, fin_batches)
+            self.H_F = Hessian(
+                summed_loss(self.finetune_net.head, head_space),
+                self.fin_point[self.W.stop :],
+                features,
+                graph_budget=graph_budget,
+                cache_dir=finetune_cache_dir,
+            )
+            self.H_F_full = Hessian(f_loss, self.fin_point, fin_batches, graph_budget=graph_budget)
         else:
             shift = torch.zeros_like(self.fin_point)
             shift[self.W] = 2 * self.alpha  # + 2α P_W: the proximal term's Hessian
-            self.H_F = Hessian(f_loss, self.fin_point, fin_batches, shift=shift)
+            self.H_F = Hessian(
+                f_loss,
+                self.fin_point,
+                fin_batches,
+                shift=shift,
+                graph_budget=graph_budget,
+                cache_dir=finetune_cache_dir,
+            )
         self.trace = Trace()
 
     def parameter_counts(self) -> dict[str, int]:

@@ -7,12 +7,14 @@ products, with f the solver's filter (the paper's t / (t² + λ), or 1 / (t + λ
 dropped, as in Arnoldi-style influence (Schioppa et al., 2022). It is an approximation whose quality the solver
 reports (the residual of the system) and benchmarks/many_targets.py measures against converged solves.
 
-`ritz_curvature(H, rank, seed)` returns the pairs from memory, else from `H.cache_dir` (a file named by the Hessian's
-fingerprint, rank and seed, loaded with weights_only=True), else fits them and writes that file atomically.
+`ritz_curvature(H, rank, seed)` returns the pairs from memory (`H.ritz_pairs`), else from `H.cache_dir` (a file
+named by the Hessian's fingerprint, rank and seed, loaded with weights_only=True), else fits them and writes that
+file atomically.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +22,11 @@ from pathlib import Path
 import torch
 
 from msif import distributed
-from msif.console import progress, say
 from msif.influence.krylov import Krylov
 from msif.io import atomic_torch_save, load_tensors
+from msif.progress import progress
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 
@@ -72,20 +76,24 @@ def fit_ritz(H, rank: int, seed: int = 0) -> RitzCurvature:
 def ritz_curvature(H, rank: int, seed: int = 0) -> RitzCurvature:
     """The Ritz pairs of H for (rank, seed): memory, then H.cache_dir, then a fit (saved to H.cache_dir)."""
     key = (int(rank), int(seed))
-    memo = H.__dict__.setdefault("_ritz", {})
+    memo = H.ritz_pairs
     if key in memo:
         return memo[key]
-    cache_dir = getattr(H, "cache_dir", None)
+    cache_dir = H.cache_dir
     file = Path(cache_dir) / f"ritz-{H.fingerprint()}-r{rank}-s{seed}.pt" if cache_dir else None
     saved = load_tensors(file) if file is not None and file.exists() else None
     if saved is not None and saved.get("format") == FORMAT and saved["vectors"].shape[1] == H.size:
         curv = RitzCurvature(saved["values"], saved["vectors"].to(H.point.device))
-        say(f"curvature: reusing {len(curv.values)} Ritz pairs from {file}")
+        log.info("curvature: reusing %d Ritz pairs from %s", len(curv.values), file)
     else:
         curv = fit_ritz(H, rank, seed)
-        say(
-            f"curvature: fitted {len(curv.values)} Ritz pairs ({curv.hvps} HVPs, {curv.seconds:.1f} s); "
-            f"θ in [{float(curv.values.min()):.3g}, {float(curv.values.max()):.3g}]"
+        log.info(
+            "curvature: fitted %d Ritz pairs (%d HVPs, %.1f s); θ in [%.3g, %.3g]",
+            len(curv.values),
+            curv.hvps,
+            curv.seconds,
+            float(curv.values.min()),
+            float(curv.values.max()),
         )
         if file is not None and distributed.is_main():  # under torchrun every process fits the same pairs
             atomic_torch_save(

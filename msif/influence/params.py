@@ -68,3 +68,9 @@ def per_example_loss(net: nn.Module, space: ParamSpace) -> FlatLoss:
         return F.cross_entropy(functional_call(net, space.unflatten(flat), (x,)), y, reduction="none")
 
     return loss
+
+
+@torch.no_grad()
+def embed(embedding: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Flattened embedding features of `x`, computed in batches."""
+    return torch.cat([embedding(x[i : i + batch_size]).flatten(1) for i in range(0, len(x), batch_size)])

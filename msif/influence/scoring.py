@@ -114,8 +114,8 @@ def score_network(
     what: str,
 ) -> torch.Tensor:
     """`score_examples` for a network in its flat parameter space, with a (transient) progress bar."""
-    from msif.console import progress
     from msif.influence.params import per_example_loss, summed_loss
+    from msif.progress import progress
 
     with progress(transient=True) as bar:
         task = bar.add_task(f"scoring {what}", total=len(y), info="")

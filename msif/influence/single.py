@@ -13,15 +13,17 @@ influence library computes; `msif influence mode=single_stage` runs it on the pr
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from msif.influence.api import _batches, _sample, as_tensors, rows_of
-from msif.influence.hessian import Hessian
+from msif.influence.api import _batches, _sample, as_tensors, check_score_method, rows_of
+from msif.influence.hessian import GRAPH_BUDGET_BYTES, Hessian
 from msif.influence.multistage import Trace, target_gradient
 from msif.influence.params import network_space, summed_loss
 from msif.influence.scoring import score_network
+from msif.influence.settings import SolverSettings, solver_settings
 from msif.influence.solvers import solve
 
 # the solver used when none is given: the paper's (H² + λI)⁻¹H by Lanczos (fine for an indefinite H), until the
@@ -37,16 +39,20 @@ class SingleStageInfluence:
         net: nn.Module,
         train_data,
         *,
-        solver: dict | None = None,
+        solver: SolverSettings | dict | None = None,
         hessian_sample: int | None = 1000,
         sample_seed: int = 0,
         batch_size: int = 256,
         device: str | torch.device | None = None,
         score_method: str = "auto",
+        graph_budget: int = GRAPH_BUDGET_BYTES,
+        cache_dir: str | Path | None = None,
     ):
-        self.solver = solver or dict(DEFAULT_SOLVER)
+        """`solver`: the IHVP solver's settings (typed, or a mapping with `method`); `graph_budget`: bytes the
+        Hessian's kept gradient graphs may take; `cache_dir`: where fitted curvature (lowrank) is kept."""
+        self.solver = solver_settings(solver if solver is not None else DEFAULT_SOLVER, "pretrain")
         self.batch_size = batch_size
-        self.score_method = score_method  # msif.influence.scoring: auto | jvp | per_example
+        self.score_method = check_score_method(score_method)  # msif.influence.scoring: auto | jvp | per_example
         self.device = torch.device(device) if device is not None else next(net.parameters()).device
         self.net = copy.deepcopy(net).to(self.device).eval()
         self.x, self.y = as_tensors(train_data)
@@ -57,6 +63,8 @@ class SingleStageInfluence:
             summed_loss(self.net, self.space),
             self.point,
             _batches(self.x, self.y, self.hessian_index, batch_size, self.device),
+            graph_budget=graph_budget,
+            cache_dir=cache_dir,
         )
         self.trace = Trace()
 

@@ -29,16 +29,27 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from msif.console import progress, say
-from msif.errors import MsifError
+from msif.errors import SolverError, UnconvergedSolveWarning
 from msif.influence.curvature import ritz_curvature
 from msif.influence.krylov import Krylov
+from msif.influence.settings import (
+    CGSettings,
+    ExactSettings,
+    LanczosSettings,
+    LissaSettings,
+    LowrankSettings,
+    SolverSettings,
+    solver_settings,
+)
+from msif.progress import progress
 
-METHODS = ("cg_normal", "lanczos", "lowrank", "cg", "lissa", "exact", "identity")
 CHECK_COLUMNS = 2  # lowrank: the residual is measured on this many columns (3 HVPs each), not on all K
 
 
@@ -59,15 +70,14 @@ class SolveReport:
         return {k: v for k, v in self.__dict__.items() if k != "history"} | {"history": self.history[-50:]}
 
 
-def solve(H, B: torch.Tensor, settings, label: str) -> tuple[torch.Tensor, SolveReport]:
-    """Solve H x = b for each row of B (K, p) with `settings.method`; see the module docstring."""
-    method = settings.get("method")
-    if method not in METHODS:
-        raise MsifError(
-            f"Unknown IHVP solver '{method}' for the {label} Hessian.",
-            f"Use one of {list(METHODS)} (solver=<name>, or solver.{label}.method=<name>).",
-        )
-    damping = float(settings.get("damping", 0.0))
+def solve(
+    H, B: torch.Tensor, settings: SolverSettings | Mapping[str, Any], label: str
+) -> tuple[torch.Tensor, SolveReport]:
+    """Solve H x = b for each row of B (K, p) with the solver `settings` name (a `SolverSettings`, or a mapping that
+    `solver_settings` turns into one); see the module docstring. `label` names the Hessian in reports."""
+    settings = solver_settings(settings, label)
+    method = settings.method
+    damping = float(settings.damping)
     report = SolveReport(label, method, damping)
     calls0, start = H.calls, time.perf_counter()
     HX_known = HB_known = None  # H X and H B where the solver has them from its own HVPs (lanczos)
@@ -82,23 +92,23 @@ def solve(H, B: torch.Tensor, settings, label: str) -> tuple[torch.Tensor, Solve
     elif method == "lanczos":
         X, HX_known, HB_known = _lanczos(H, B, damping, settings, report)
     elif method == "lowrank":
-        curv = ritz_curvature(H, int(settings.get("rank", 100)), int(settings.get("seed", 0)))
-        X = curv.apply(B, damping, bool(settings.get("normal", True)))
+        curv = ritz_curvature(H, settings.rank, settings.seed)
+        X = curv.apply(B, damping, settings.normal)
         report.iterations = len(curv.values)
     else:
         X = _lissa(H, B, damping, settings, report)
     if not torch.isfinite(X).all():
-        raise MsifError(
+        raise SolverError(
             f"The {label} Hessian IHVP ({method}) produced NaN or infinite values.",
-            "Increase the damping (solver.*.damping), or use solver=cg_normal, which handles an indefinite Hessian.",
+            "Increase the damping, or use the cg_normal or lanczos solver, which handle an indefinite Hessian.",
+            hessian=label,
+            keys=("damping",),
         )
     if method != "identity":
         Bc, Xc = (B[:CHECK_COLUMNS], X[:CHECK_COLUMNS]) if method == "lowrank" else (B, X)
         HX = H.matvec(Xc) if HX_known is None else HX_known
         report.inverse_residual = _max_rel(HX - Bc, Bc)
-        normal = (method == "exact" and settings.get("normal", False)) or (
-            method in ("lanczos", "lowrank") and settings.get("normal", True)
-        )
+        normal = isinstance(settings, (ExactSettings, LanczosSettings, LowrankSettings)) and settings.normal
         if method == "cg":
             report.residual = _max_rel(HX + damping * Xc - Bc, Bc)
         elif method == "cg_normal" or normal:
@@ -120,38 +130,41 @@ def _max_rel(R: torch.Tensor, B: torch.Tensor) -> float:
     return float((num / den).max())
 
 
-def _check(report: SolveReport, settings) -> None:
-    tol = float(settings.get("tol", 1e-6))
-    max_residual = float(settings.get("max_residual", 1.0))
+def _check(report: SolveReport, settings: SolverSettings) -> None:
+    tol, max_residual = float(settings.tol), float(settings.max_residual)
     r = report.residual
     steps = "dense solve" if report.method == "exact" else f"{report.iterations} iterations"
     where = f"{report.label} Hessian IHVP ({report.method}, damping {report.damping:g}, {steps})"
     if not math.isfinite(r) or r > max_residual:
-        raise MsifError(
+        raise SolverError(
             f"The {where} did not converge: relative residual {r:.3g} > max_residual {max_residual:g}, so its "
             "scores would not be a ranking worth reading.",
-            "Use solver=cg_normal (handles indefinite Hessians), raise the damping or the iterations "
-            "(solver.pretrain.damping, solver.pretrain.iterations), or set solver.*.max_residual to accept it.",
+            "Use the cg_normal or lanczos solver (they handle indefinite Hessians), raise the damping or the "
+            "iterations, or raise max_residual to accept it.",
+            hessian=report.label,
+            keys=("damping", "iterations", "max_residual"),
         )
     report.converged = r <= 10 * tol  # CG stops on its recursive residual; the recomputed one may drift slightly
     if not report.converged and report.method != "identity":
-        say(
-            f"[yellow]warning:[/] the {where} stopped at relative residual {r:.3g} (tol {tol:g}); "
-            f"‖Hx − b‖/‖b‖ = {report.inverse_residual:.3g}. {_remedy(report.method)}"
+        warnings.warn(
+            f"the {where} stopped at relative residual {r:.3g} (tol {tol:g}); "
+            f"‖Hx − b‖/‖b‖ = {report.inverse_residual:.3g}. {_remedy(report.method)}",
+            UnconvergedSolveWarning,
+            stacklevel=3,
         )
 
 
 def _remedy(method: str) -> str:
     if method == "lowrank":
-        return "It keeps only the span of its Ritz vectors: a larger solver.*.rank, or solver=lanczos, tightens it."
+        return "It keeps only the span of its Ritz vectors: a larger rank, or the lanczos solver, tightens it."
     if method == "exact":  # a direct solve has no iterations to add: its error is the matrix's conditioning
         return "The damped Hessian is near-singular at this precision: dtype=float64 or more damping would tighten it."
     return "More iterations or damping would tighten it."
 
 
-def _cg(apply_A, R0: torch.Tensor, settings, report: SolveReport) -> torch.Tensor:
+def _cg(apply_A, R0: torch.Tensor, settings: CGSettings, report: SolveReport) -> torch.Tensor:
     """Conjugate gradients on A X = R0, column by column in one block; frozen columns stop moving when converged."""
-    iters, tol = int(settings.get("iterations", 100)), float(settings.get("tol", 1e-6))
+    iters, tol = settings.iterations, float(settings.tol)
     X = torch.zeros_like(R0)
     R = R0.clone()
     P = R.clone()
@@ -185,10 +198,10 @@ def _cg(apply_A, R0: torch.Tensor, settings, report: SolveReport) -> torch.Tenso
 LANCZOS_BASIS_BYTES = 2 * 2**30  # the Krylov bases of the columns solved together stay under this
 
 
-def _lanczos(H, B: torch.Tensor, damping: float, settings, report: SolveReport):
+def _lanczos(H, B: torch.Tensor, damping: float, settings: LanczosSettings, report: SolveReport):
     """Lanczos for every row of B, in groups whose Krylov bases (steps × p each) fit in LANCZOS_BASIS_BYTES.
     Returns X, H X and H B (the last two from the HVPs the steps made; see `_lanczos_block`)."""
-    steps = int(settings.get("iterations", 100)) + 1
+    steps = settings.iterations + 1
     group = max(1, LANCZOS_BASIS_BYTES // (steps * B.shape[1] * B.element_size()))
     if len(B) <= group:
         return _lanczos_block(H, B, damping, settings, report)
@@ -203,7 +216,7 @@ def _lanczos(H, B: torch.Tensor, damping: float, settings, report: SolveReport):
     return tuple(torch.cat(part) for part in zip(*parts, strict=True))
 
 
-def _lanczos_block(H, B: torch.Tensor, damping: float, settings, report: SolveReport):
+def _lanczos_block(H, B: torch.Tensor, damping: float, settings: LanczosSettings, report: SolveReport):
     """x = ‖b‖ Q y, the best answer over the Krylov space K_j(H, b) (see `_projected`), grown one HVP per step for
     every column at once (msif.influence.krylov); returns X, H X and H B.
 
@@ -211,8 +224,7 @@ def _lanczos_block(H, B: torch.Tensor, damping: float, settings, report: SolveRe
     H X = ‖b‖ Q C y and H B come from the HVPs the steps made (exact up to rounding), so the final residual check of
     the paper's system costs one HVP per column (H (H X)) instead of three.
     """
-    iters, tol = int(settings.get("iterations", 100)), float(settings.get("tol", 1e-6))
-    normal = bool(settings.get("normal", True))
+    iters, tol, normal = settings.iterations, float(settings.tol), settings.normal
     krylov = Krylov(H, B)
     y_prev = torch.zeros(len(B), 0, dtype=torch.float64, device=B.device)
     with progress(transient=True) as bar:
@@ -260,27 +272,29 @@ def _projected(alphas: torch.Tensor, betas: torch.Tensor | None, last: torch.Ten
     return torch.linalg.lstsq(Tbar, rhs.unsqueeze(-1)).solution.squeeze(-1)
 
 
-def _exact(H, B: torch.Tensor, damping: float, settings, label: str) -> torch.Tensor:
-    max_params = int(settings.get("max_params", 10_000))
+def _exact(H, B: torch.Tensor, damping: float, settings: ExactSettings, label: str) -> torch.Tensor:
+    max_params = settings.max_params
     if H.size > max_params:
-        raise MsifError(
+        raise SolverError(
             f"The exact solver would form a {H.size:,} x {H.size:,} {label} Hessian, above "
             f"max_params={max_params:,} ({H.size**2 * B.element_size() / 2**30:.1f} GiB).",
-            "Use solver=cg_normal for a model this size, or raise solver.*.max_params if the memory is there.",
+            "Use the lanczos solver for a model this size, or raise max_params if the memory is there.",
+            hessian=label,
+            keys=("method", "max_params"),
         )
     dense = H.dense()
     eye = torch.eye(H.size, dtype=B.dtype, device=B.device)
-    if settings.get("normal", False):
+    if settings.normal:
         return torch.linalg.solve(dense @ dense + damping * eye, dense @ B.T).T
     return torch.linalg.solve(dense + damping * eye, B.T).T
 
 
-def _lissa(H, B: torch.Tensor, damping: float, settings, report: SolveReport) -> torch.Tensor:
-    scale = settings.get("scale", "auto")
-    if scale in (None, "auto"):
+def _lissa(H, B: torch.Tensor, damping: float, settings: LissaSettings, report: SolveReport) -> torch.Tensor:
+    scale = settings.scale
+    if scale == "auto":
         scale = 1.1 * _largest_eigenvalue(H, B, damping)
     scale = float(scale)
-    depth, repeats = int(settings.get("depth", 1000)), int(settings.get("repeats", 1))
+    depth, repeats = settings.depth, settings.repeats
     total = torch.zeros_like(B)
     bnorm = B.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
     with progress(transient=True) as bar:
@@ -291,11 +305,13 @@ def _lissa(H, B: torch.Tensor, damping: float, settings, report: SolveReport) ->
                 X = B + X - (H.matvec(X) + damping * X) / scale
                 growth = float((X.norm(dim=1) / bnorm).max())
                 if not math.isfinite(growth) or growth > 1e8:
-                    raise MsifError(
+                    raise SolverError(
                         f"LiSSA diverged for the {report.label} Hessian at depth {j + 1} (‖x‖/‖b‖ = {growth:.3g}) with "
                         f"scale {scale:g}: the series only converges when every eigenvalue of H + λI lies in "
                         f"(0, 2·scale).",
-                        "Raise solver.*.scale (or use scale=auto), raise the damping, or use solver=cg_normal.",
+                        "Raise the scale (or use scale=auto), raise the damping, or use the lanczos solver.",
+                        hessian=report.label,
+                        keys=("scale", "damping"),
                     )
                 if j % 10 == 0 or j == depth - 1:
                     bar.update(task, completed=r * depth + j + 1, info=f"‖x‖/‖b‖ {growth:.3g}")

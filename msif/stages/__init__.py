@@ -1,10 +1,11 @@
-"""The stages users run: each is a plain function of a composed config (tests call these directly); the `msif`
-command (msif/cli.py) is a thin Hydra wrapper around them."""
+"""The stages users run. Each is a `msif.lifecycle.Stage` driven by `msif.lifecycle.run`, with a plain function
+of a composed config that tests and the Python API call directly; the `msif` command (msif/cli.py) is a thin Hydra
+wrapper around them."""
 
 from msif.stages.cleanse import cleanse
-from msif.stages.finetune import finetune
+from msif.stages.finetune import finetune, finetuned
 from msif.stages.influence import influence
-from msif.stages.pretrain import pretrain
+from msif.stages.pretrain import pretrain, pretrained
 from msif.stages.validate_loo import validate_loo
 
-__all__ = ["cleanse", "finetune", "influence", "pretrain", "validate_loo"]
+__all__ = ["cleanse", "finetune", "finetuned", "influence", "pretrain", "pretrained", "validate_loo"]

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
@@ -21,7 +22,7 @@ from msif.config import to_plain
 from msif.console import console, say, table
 from msif.errors import MsifError
 from msif.report import Entry, seconds, write_report
-from msif.stages.common import read_json
+from msif.runs import read_json
 
 KINDS = ("loo", "identity", "per_test", "histograms", "cleanse")
 
@@ -34,6 +35,7 @@ class Context:
     common: list[str]
     figures: Path
     runs: dict[str, float] = field(default_factory=dict)  # run folder -> recorded compute seconds (each counted once)
+    run_context: Any = None  # msif.lifecycle.Context shared by every experiment's stages
 
     def compose(self, stage: str, overrides: list[str]) -> DictConfig:
         return compose_stage(stage, [*self.common, *overrides])
@@ -44,17 +46,18 @@ class Context:
         return float(seconds or 0.0)
 
     def count_upstream(self, cfg: DictConfig):
-        """Record the pretrain and finetune runs `cfg` names (made when missing): (their compute seconds, the loaded
-        tasks, which the experiment's stage then reuses instead of loading the data again)."""
-        from msif.stages.common import setup
-        from msif.stages.finetune import ensure_finetuned
+        """Record the pretrain and finetune runs `cfg` names (made when missing): (their compute seconds, the run
+        context every experiment shares, so each data set is loaded once for the whole plan)."""
+        from msif.lifecycle import Context as RunContext
+        from msif.stages.finetune import finetuned
 
-        tasks = setup(cfg).tasks
-        pre, fin = ensure_finetuned(cfg, tasks)
+        if self.run_context is None:
+            self.run_context = RunContext(cfg)
+        pre, fin = finetuned(cfg, self.run_context)
         seconds = self.count(pre.run.path, pre.metrics.get("seconds")) + self.count(
             fin.run.path, fin.metrics.get("seconds")
         )
-        return seconds, tasks
+        return seconds, self.run_context
 
 
 def compose_stage(stage: str, overrides: list[str]) -> DictConfig:
@@ -64,7 +67,7 @@ def compose_stage(stage: str, overrides: list[str]) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from msif.cli import CONF_DIR
+    from msif.config import CONF_DIR
 
     name = stage.replace("-", "_")
     try:

@@ -1,0 +1,208 @@
+"""Typed settings of the IHVP solvers (msif.influence.solvers): one frozen dataclass per method, validated once.
+
+`solver_settings(spec)` turns a mapping such as `{"method": "lanczos", "damping": 0.01}` (a config node, a dict) into
+the dataclass of its method, refusing unknown keys, wrong types and out-of-range values with a `SolverError` that
+names the setting. Defaults are those of the shipped solver configs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+from msif.errors import SolverError
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """What every solver has: the damping λ, the tolerance below which a residual counts as converged, and the
+    residual above which the solve is an error rather than a ranking."""
+
+    method: ClassVar[str] = ""
+    damping: float = 0.0
+    tol: float = 1e-6
+    max_residual: float = 1.0
+    hessian: str = ""  # which Hessian these settings are for ("pretrain", "finetune"); only names it in messages
+
+    def __post_init__(self) -> None:
+        self._at_least("damping", 0.0)
+        self._positive("tol")
+        self._positive("max_residual")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as a plain mapping (with `method`), as a config would give them."""
+        return {"method": self.method, **{k: v for k, v in asdict(self).items() if k != "hessian"}}
+
+    def _bad(self, key: str, what: str) -> SolverError:
+        where = f" for the {self.hessian} Hessian" if self.hessian else ""
+        return SolverError(
+            f"The {self.method} solver's setting {key}={getattr(self, key)!r}{where} is invalid: {what}.",
+            f"Set {key} to {what}.",
+            hessian=self.hessian,
+            keys=(key,),
+        )
+
+    def _at_least(self, key: str, low: float) -> None:
+        v = getattr(self, key)
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= low):
+            raise self._bad(key, f"a finite number >= {low:g}")
+
+    def _positive(self, key: str) -> None:
+        v = getattr(self, key)
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+            raise self._bad(key, "a finite number > 0")
+
+    def _count(self, key: str, low: int = 1) -> None:
+        v = getattr(self, key)
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
+            raise self._bad(key, f"an integer >= {low}")
+
+    def _flag(self, key: str) -> None:
+        if not isinstance(getattr(self, key), bool):
+            raise self._bad(key, "true or false")
+
+
+@dataclass(frozen=True)
+class LanczosSettings(SolverSettings):
+    """Lanczos on H from each b: at most `iterations` steps (one HVP each), stopping when the answer changes by less
+    than `tol` (relative). `normal`: the paper's (H² + λI) x = H b; else (H + λI) x = b (MINRES)."""
+
+    method: ClassVar[str] = "lanczos"
+    iterations: int = 100
+    normal: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._count("iterations")
+        self._flag("normal")
+
+
+@dataclass(frozen=True)
+class CGSettings(SolverSettings):
+    """Conjugate gradients on (H + λI) x = b, at most `iterations` iterations (one HVP each)."""
+
+    method: ClassVar[str] = "cg"
+    iterations: int = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._count("iterations")
+
+
+@dataclass(frozen=True)
+class CGNormalSettings(CGSettings):
+    """The paper's solver: CG on (H² + λI) x = H b, two HVPs per iteration."""
+
+    method: ClassVar[str] = "cg_normal"
+
+
+@dataclass(frozen=True)
+class LowrankSettings(SolverSettings):
+    """`rank` Ritz pairs of H fitted once from a random start (`seed`) and cached; the filter applied on their span."""
+
+    method: ClassVar[str] = "lowrank"
+    rank: int = 100
+    seed: int = 0
+    normal: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._count("rank")
+        self._count("seed", 0)
+        self._flag("normal")
+
+
+@dataclass(frozen=True)
+class LissaSettings(SolverSettings):
+    """The truncated Neumann series: `depth` terms, averaged over `repeats` runs, H scaled by `scale` ("auto": 1.1 ×
+    a power-iteration estimate of the largest eigenvalue of H + λI)."""
+
+    method: ClassVar[str] = "lissa"
+    scale: float | str = "auto"
+    depth: int = 1000
+    repeats: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._count("depth")
+        self._count("repeats")
+        if self.scale is None:
+            object.__setattr__(self, "scale", "auto")
+        if self.scale != "auto":
+            self._positive("scale")
+
+
+@dataclass(frozen=True)
+class ExactSettings(SolverSettings):
+    """The explicit matrix and a dense solve (small models only: at most `max_params` parameters). `normal`: the
+    paper's (H² + λI) x = H b; else (H + λI) x = b."""
+
+    method: ClassVar[str] = "exact"
+    normal: bool = False
+    max_params: int = 10_000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._flag("normal")
+        self._count("max_params")
+
+
+@dataclass(frozen=True)
+class IdentitySettings(SolverSettings):
+    """H⁻¹ replaced by the identity (the paper's Figure 3 ablation)."""
+
+    method: ClassVar[str] = "identity"
+
+
+SETTINGS: dict[str, type[SolverSettings]] = {
+    cls.method: cls
+    for cls in (
+        CGNormalSettings,
+        LanczosSettings,
+        LowrankSettings,
+        CGSettings,
+        LissaSettings,
+        ExactSettings,
+        IdentitySettings,
+    )
+}
+METHODS = tuple(SETTINGS)
+
+
+def solver_settings(spec: SolverSettings | Mapping[str, Any], hessian: str = "") -> SolverSettings:
+    """The typed settings for `spec`: a `SolverSettings` (returned as it is) or a mapping with a `method` key."""
+    if isinstance(spec, SolverSettings):
+        return spec
+    if not isinstance(spec, Mapping):
+        raise SolverError(
+            f"Solver settings must be a mapping with a 'method' key or a SolverSettings, not a {type(spec).__name__}.",
+            "Pass e.g. {'method': 'lanczos', 'damping': 0.01} or LanczosSettings(damping=0.01).",
+            hessian=hessian,
+        )
+    spec = dict(spec)
+    method = spec.pop("method", None)
+    where = f" for the {hessian} Hessian" if hessian else ""
+    if method not in SETTINGS:
+        raise SolverError(
+            f"Unknown IHVP solver '{method}'{where}.",
+            f"Use one of {list(METHODS)}.",
+            hessian=hessian,
+            keys=("method",),
+        )
+    cls = SETTINGS[method]
+    names = [f.name for f in fields(cls) if f.name != "hessian"]
+    unknown = sorted(set(spec) - set(names))
+    if unknown:
+        raise SolverError(
+            f"The {method} solver{where} has no setting '{unknown[0]}'.",
+            f"Its settings are {names}.",
+            hessian=hessian,
+            keys=(unknown[0],),
+        )
+    for f in fields(cls):  # numbers given as int where a float is meant (damping=0) are fine
+        if f.name in spec and f.type in ("float", float) and isinstance(spec[f.name], int):
+            if not isinstance(spec[f.name], bool):
+                spec[f.name] = float(spec[f.name])
+    return cls(**spec, hessian=hessian)

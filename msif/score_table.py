@@ -1,0 +1,67 @@
+"""The influence score table: one row per (pretraining example, target), and its summary statistics."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from msif.data import Examples
+from msif.io import atomic_write_bytes
+
+
+def score_table(
+    scores: torch.Tensor,
+    rows: torch.Tensor,
+    pre_set: Examples,
+    targets: torch.Tensor | None,
+    test: Examples,
+    pred: torch.Tensor,
+) -> pd.DataFrame:
+    """The long table (README, "Score table"): scores (len(rows), K) of the pretraining `rows`; per-test columns when
+    `targets` (the K test rows) is given."""
+    m = len(pre_set)
+    names = np.array(pre_set.class_names)
+    labels = pre_set.y[rows].numpy()
+    base = {
+        "index": rows.numpy(),
+        "source_index": pre_set.source_index[rows].numpy(),
+        "label": labels,
+        "class_name": names[labels],
+    }
+    frames = []
+    for k in range(scores.shape[1]):
+        s = scores[:, k].double().numpy()
+        f = pd.DataFrame(base)
+        if targets is not None:
+            t = int(targets[k])
+            f.insert(0, "test_index", t)
+            f.insert(1, "test_source_index", int(test.source_index[t]))
+            f.insert(2, "test_label", int(test.y[t]))
+            f.insert(3, "test_class_name", test.class_names[int(test.y[t])])
+            f.insert(4, "test_prediction", test.class_names[int(pred[t])])
+        f["score"] = s
+        f["predicted_removal_effect"] = -s / m
+        f["rank"] = pd.Series(s).rank(ascending=False, method="first").astype(int).to_numpy()
+        frames.append(f)
+    return pd.concat(frames, ignore_index=True)
+
+
+def score_stats(s: np.ndarray) -> dict:
+    return {
+        "mean": float(s.mean()),
+        "mean_abs": float(np.abs(s).mean()),
+        "std": float(s.std()),
+        "min": float(s.min()),
+        "max": float(s.max()),
+        "positive_fraction": float((s > 0).mean()),
+    }
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    atomic_write_bytes(buf.getvalue(), path)

@@ -1,0 +1,139 @@
+"""The short tables each stage ends with on the console (rich), built from the stage's metrics and summaries."""
+
+from __future__ import annotations
+
+import pandas as pd
+from rich.table import Table
+
+from msif.console import table
+
+CLEANSE_LABELS = {"none": "no removal", "harmful": "most harmful removed", "random": "as many removed at random"}
+
+
+def trained_table(stage: str, metrics: dict) -> Table:
+    """Loss and accuracy of a trained network on its train and test splits, and its parameter counts."""
+    rows = [
+        [split, metrics[split]["n"], metrics[split]["loss"], f"{100 * metrics[split]['accuracy']:.2f}%"]
+        for split in ("train", "test")
+    ]
+    fit = metrics["fit"]
+    params = ", ".join(f"|{k.replace('Theta', 'Θ')}| = {v:,}" for k, v in metrics["parameters"].items())
+    t = table(
+        f"{stage}: {fit['steps']} steps, {fit['seconds']:.1f} s", ["split", "examples", "mean loss", "accuracy"], rows
+    )
+    t.caption, t.caption_justify = f"parameters: {params}", "left"
+    return t
+
+
+def influence_tables(frame: pd.DataFrame, summary: dict, top_k: int) -> list[Table]:
+    """The most harmful and helpful examples (for the first test point when per-test), timings, and the solves."""
+    f = frame if "test_index" not in frame else frame[frame["test_index"] == frame["test_index"].iloc[0]]
+    f = f.sort_values("score", ascending=False)
+    rows = [
+        ["harmful", int(r.index), r.class_name, r.score, r.predicted_removal_effect] for r in f.head(top_k).itertuples()
+    ]
+    rows += [
+        ["helpful", int(r.index), r.class_name, r.score, r.predicted_removal_effect]
+        for r in f.tail(top_k)[::-1].itertuples()
+    ]
+    which = "" if "test_index" not in frame else f" for test point {int(f['test_index'].iloc[0])}"
+    tables = [
+        table(
+            f"most harmful and most helpful pretraining examples{which}",
+            ["", "index", "class", "score I", "ΔL_T if removed ≈ −I/m"],
+            rows,
+        )
+    ]
+    sec = summary.get("seconds", {})
+    order = ["gradients", "ihvp1", "mixed_term", "ihvp2", "ihvp", "scoring", "total"]
+    steps = [k for k in order if k in sec] or order
+    tables.append(table("timings (s)", steps, [[f"{sec.get(s, 0.0):.2f}" for s in steps]]))
+    solves = summary.get("solves", [])
+    if solves:
+        tables.append(
+            table(
+                "IHVP solves",
+                ["Hessian", "method", "damping", "iterations", "HVPs", "residual", "‖Hx−b‖/‖b‖"],
+                [
+                    [
+                        r["label"],
+                        r["method"],
+                        r["damping"],
+                        r["iterations"],
+                        r["hvps"],
+                        f"{r['residual']:.2e}",
+                        "-" if r["inverse_residual"] is None else f"{r['inverse_residual']:.2e}",
+                    ]
+                    for r in merge_solves(solves)
+                ],
+            )
+        )
+    return tables
+
+
+def merge_solves(solves: list[dict]) -> list[dict]:
+    """One row per Hessian: worst residual, summed iterations and HVPs over the target blocks."""
+    out: dict[str, dict] = {}
+    for r in solves:
+        o = out.setdefault(r["label"], dict(r, iterations=0, hvps=0, residual=0.0, inverse_residual=None))
+        o["iterations"] += r["iterations"]
+        o["hvps"] += r["hvps"]
+        o["residual"] = max(o["residual"], r["residual"])
+        if r["inverse_residual"] is not None:
+            o["inverse_residual"] = max(o["inverse_residual"] or 0.0, r["inverse_residual"])
+    return list(out.values())
+
+
+def loo_table(summary: dict) -> Table:
+    """Pearson r and Spearman ρ of predicted against actual leave-one-out effects, with their intervals."""
+    rows = []
+    for name, s in summary["correlation"].items():
+        ci_r, ci_rho = s.get("pearson_r_ci95"), s.get("spearman_rho_ci95")
+        rows.append(
+            [
+                name,
+                s["n"],
+                f"{s['pearson_r']:+.3f}",
+                f"[{ci_r[0]:+.2f}, {ci_r[1]:+.2f}]" if ci_r else "-",
+                f"{s['spearman_rho']:+.3f}",
+                f"[{ci_rho[0]:+.2f}, {ci_rho[1]:+.2f}]" if ci_rho else "-",
+            ]
+        )
+    return table(
+        f"predicted −I/m vs actual ΔL_T ({summary['dataset']}, case {summary['case']}, "
+        f"{summary['retrain_seconds']['mean']:.1f} s per retrain)",
+        ["scores", "k", "Pearson r", "95% CI", "Spearman ρ", "95% CI"],
+        rows,
+    )
+
+
+def cleanse_tables(summary: dict, conditions: tuple[str, ...]) -> list[Table]:
+    """Accuracy and loss per condition (mean ± std over seeds) and the paired differences."""
+    cond = summary["conditions"]
+    rows = [
+        [
+            CLEANSE_LABELS[c],
+            len(cond[c]["seeds"]),
+            f"{100 * cond[c]['test_accuracy_mean']:.2f}% ± {100 * cond[c]['test_accuracy_std']:.2f}",
+            f"{cond[c]['test_loss_mean']:.4f} ± {cond[c]['test_loss_std']:.4f}",
+        ]
+        for c in conditions
+        if c in cond
+    ]
+    paired = [
+        [
+            name,
+            f"{100 * d['test_accuracy']['mean']:+.2f} ± {100 * d['test_accuracy']['std']:.2f} points",
+            f"{d['test_loss']['mean']:+.4f} ± {d['test_loss']['std']:.4f}",
+        ]
+        for name, d in summary["paired"].items()
+    ]
+    return [
+        table(
+            f"cleanse: finetune test set after retraining ({summary['removed']:,} of {summary['m']:,} removed, "
+            f"{summary['start']} start)",
+            ["condition", "seeds", "accuracy (mean ± std)", "loss (mean ± std)"],
+            rows,
+        ),
+        table("paired differences over the same seeds", ["", "accuracy", "loss"], paired),
+    ]
