@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from msif.errors import MsifError
 
@@ -81,37 +80,13 @@ def finetune_settings(cfg: DictConfig, pretrain_signature: str) -> dict[str, Any
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Fail early, with a clear message, on settings that would otherwise fail deep inside a run."""
-    profiles = list(cfg.train.get("steps", {}).keys())
-    if profiles and cfg.profile not in profiles:
-        raise MsifError(
-            f"Unknown profile '{cfg.profile}'.",
-            f"The training recipe '{cfg.train.get('name', 'train')}' defines profiles {profiles}; "
-            f"pass one of them, e.g. profile={profiles[0]}.",
-        )
-    if cfg.dtype not in ("float32", "float64"):
-        raise MsifError(f"Unknown dtype '{cfg.dtype}'.", "Use dtype=float32 or dtype=float64.")
-    try:
-        OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as err:
-        raise MsifError(
-            f"The configuration does not resolve: {err}".replace("\n", " "),
-            "Check the overrides on the command line (print the composed config with --cfg job).",
-        ) from None
-    if cfg.case.name not in ("fixed", "updated"):
-        raise MsifError(f"Unknown finetune case '{cfg.case.name}'.", "Use case=fixed or case=updated.")
-    if cfg.case.name == "updated" and not float(cfg.case.alpha) >= 0:
-        raise MsifError(f"case.alpha must be >= 0, got {cfg.case.alpha}.", "The paper uses case.alpha=0.01.")
-    for stage in ("pretrain", "finetune"):
-        t = cfg.train[stage]
-        for key in ("steps", "batch_size"):
-            if not isinstance(t[key], int) or t[key] < 1:
-                raise MsifError(
-                    f"train.{stage}.{key} must be a positive integer, got {t[key]!r}.",
-                    f"Set e.g. train.{stage}.{key}=100.",
-                )
-        if t.optimizer not in ("adam", "sgd"):
-            raise MsifError(f"Unknown optimizer '{t.optimizer}' in train.{stage}.", "Use adam or sgd.")
+    """Fail early, with a clear message, on settings that would otherwise fail deep inside a run: the schema of
+    every group (msif.schema) and, for influence configs, the typed solver settings."""
+    from msif.schema import check_config
+
+    check_config(cfg)
+    if "solver" in cfg:
+        solver_group(cfg)
 
 
 def resolve_device(name: str):

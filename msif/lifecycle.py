@@ -98,7 +98,10 @@ class Stage(ABC):
 
 def run(stage: Stage, cfg: DictConfig, ctx: Context | None = None) -> Any:
     """Run `stage` as the command asked: reuse its finished run unless `force`, else compute it."""
-    ctx = ctx or Context(cfg)
+    if ctx is None:
+        ctx = Context(cfg)  # validates cfg
+    else:
+        validate_config(cfg)
     stage.check(cfg, ctx)
     with distributed.main_first():  # under torchrun, process 0 makes a missing upstream stage; the others load it
         up = stage.upstream(cfg, ctx)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from msif.config import to_plain
+from msif.config import to_plain, validate_config
 from msif.console import console, say, table
 from msif.errors import MsifError
 from msif.report import Entry, seconds, write_report
@@ -86,6 +86,7 @@ def compose_stage(stage: str, overrides: list[str]) -> DictConfig:
 
 def reproduce(cfg: DictConfig) -> Path:
     """Run the plan's experiments in order and write the report; returns the report's path."""
+    validate_config(cfg)
     plan = cfg.plan
     experiments = list(plan.experiments)
     only = to_plain(cfg.only)
@@ -159,8 +160,8 @@ def _loo(ctx: Context, e: DictConfig) -> Entry:
     from msif.stages import validate_loo
 
     cfg = ctx.compose("validate-loo", list(e.overrides))
-    compute, tasks = ctx.count_upstream(cfg)
-    result = validate_loo(cfg, tasks)
+    compute, run_context = ctx.count_upstream(cfg)
+    result = validate_loo(cfg, run_context)
     s = result.summary
     compute += ctx.count(s["influence_run"], s.get("influence_seconds"))
     ref = read_json(result.path / "reference.json").get("seconds", 0.0)
@@ -196,8 +197,8 @@ def _per_test(ctx: Context, e: DictConfig) -> Entry:
     figures, measured, compute, runs, settings = [], [], 0.0, [], []
     for j, overrides in enumerate(e.runs):
         cfg = ctx.compose("influence", list(overrides))
-        upstream, tasks = ctx.count_upstream(cfg)
-        result = influence(cfg, tasks)
+        upstream, run_context = ctx.count_upstream(cfg)
+        result = influence(cfg, run_context)
         compute += upstream + ctx.count(result.path, result.summary["seconds"]["total"])
         grid = result.path / "influence_grid.png"
         if grid.exists():
@@ -224,8 +225,8 @@ def _histograms(ctx: Context, e: DictConfig) -> Entry:
     series, sizes, compute, runs, settings = {}, {}, 0.0, [], []
     for label, overrides in e.runs.items():
         cfg = ctx.compose("influence", list(overrides))
-        upstream, tasks = ctx.count_upstream(cfg)
-        result = influence(cfg, tasks)
+        upstream, run_context = ctx.count_upstream(cfg)
+        result = influence(cfg, run_context)
         compute += upstream + ctx.count(result.path, result.summary["seconds"]["total"])
         series[str(label)] = result.scores["score"].to_numpy()
         sizes[str(label)] = int(result.summary["target"]["size"])
@@ -249,8 +250,8 @@ def _cleanse(ctx: Context, e: DictConfig) -> Entry:
     from msif.stages import cleanse
 
     cfg = ctx.compose("cleanse", list(e.overrides))
-    compute, tasks = ctx.count_upstream(cfg)
-    result = cleanse(cfg, tasks)
+    compute, run_context = ctx.count_upstream(cfg)
+    result = cleanse(cfg, run_context)
     s = result.summary
     influence_seconds = read_json(Path(s["influence_run"]) / "summary.json")["seconds"]["total"]
     compute += ctx.count(s["influence_run"], influence_seconds)

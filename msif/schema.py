@@ -1,0 +1,340 @@
+"""The schema of every composed config: structured dataclasses that `check_config` merges the resolved config into.
+
+Hydra composes conf/ freely (and `+key=value` adds any key), so a typo such as `+train.pretrain.stpes=10` would
+otherwise train the default steps without a word. Merging into these dataclasses refuses, before any work starts
+and with the full key named: keys the schema does not have, values of the wrong type, and (from each field's
+metadata) values out of range or not among the choices. The IHVP solver groups are checked by the library's own
+typed settings (msif.influence.settings). Model factories take free-form arguments (the embedding/head contract of
+msif.models), so `model.embedding` and `model.head` are checked when the network is built.
+"""
+
+import math
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any  # noqa: UP035  (OmegaConf reads these annotations)
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from msif.errors import MsifError
+
+
+def at_least(low: float, default: Any = MISSING, **kw: Any) -> Any:
+    return field(default=default, metadata={"min": low}, **kw)
+
+
+def above(low: float, default: Any = MISSING) -> Any:
+    return field(default=default, metadata={"above": low})
+
+
+def one_of(*choices: Any, default: Any = MISSING) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+@dataclass
+class Upstream:
+    auto: bool = True
+    pretrain: str | None = None
+    finetune: str | None = None
+
+
+@dataclass
+class Normalize:
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Generator:
+    dim: int = at_least(1, 10)
+    n_classes: int = at_least(2, 6)
+    train_per_class: int = at_least(1, 60)
+    test_per_class: int = at_least(1, 30)
+    spread: float = above(0.0, 1.0)
+    seed: int = 0
+
+
+@dataclass
+class PretrainData:
+    classes: list[Any] = field(default_factory=list)
+    n_train: int | None = at_least(1, None)
+
+
+@dataclass
+class FinetuneData:
+    classes: list[Any] = field(default_factory=list)
+    n_train: int | None = at_least(1, None)
+    n_test: int | None = at_least(1, None)
+    subsample_seed: int = 0
+
+
+@dataclass
+class InfluenceDefaults:
+    pretrain_damping: float = at_least(0.0, 0.01)
+    finetune_damping: float = at_least(0.0, 1e-8)
+    hessian_sample: int | None = at_least(1, 1000)
+
+
+@dataclass
+class Dataset:
+    name: str = ""
+    source: str = ""
+    root: str | None = None
+    download: bool = False
+    normalize: Normalize | None = None
+    generator: Generator | None = None
+    pretrain: PretrainData = field(default_factory=PretrainData)
+    finetune: FinetuneData = field(default_factory=FinetuneData)
+    influence: InfluenceDefaults = field(default_factory=InfluenceDefaults)
+
+
+@dataclass
+class Model:
+    name: str = ""
+    embedding: dict[str, Any] = field(default_factory=dict)
+    head: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    optimizer: str = one_of("adam", "sgd", default="adam")
+    lr: float = above(0.0, 1e-3)
+    weight_decay: float = at_least(0.0, 0.0)
+    batch_size: int = at_least(1, 128)
+    steps: int = at_least(1, 100)
+
+
+@dataclass
+class Train:
+    name: str = ""
+    pretrain: Recipe = field(default_factory=Recipe)
+    finetune: Recipe = field(default_factory=Recipe)
+    eval_batch_size: int = at_least(1, 2048)
+
+
+@dataclass
+class Case:
+    name: str = one_of("fixed", "updated", default="fixed")
+    alpha: float = at_least(0.0, 0.01)
+    proximal: bool = False
+
+
+@dataclass
+class StepCounts:
+    fixed: int = at_least(1, 100)
+    updated: int = at_least(1, 100)
+
+
+@dataclass
+class Steps:
+    pretrain: int = at_least(1, 100)
+    finetune: StepCounts = field(default_factory=StepCounts)
+
+
+@dataclass
+class Budget:
+    cg_iterations: int = at_least(1, 50)
+    lanczos_steps: int = at_least(1, 100)
+    finetune_hessian_sample: int | None = at_least(1, None)
+
+
+@dataclass
+class Profile:
+    name: str = ""
+    train: dict[str, Steps] = field(default_factory=dict)
+    loo: dict[str, Steps] = field(default_factory=dict)
+    budget: Budget = field(default_factory=Budget)
+
+
+@dataclass
+class Base:
+    """Settings every stage has (conf/msif.yaml and its groups)."""
+
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = one_of("float32", "float64", default="float32")
+    data_root: str | None = None
+    cache_dir: str | None = None
+    output_root: str = "outputs"
+    force: bool = False
+    upstream: Upstream = field(default_factory=Upstream)
+    dataset: Dataset = field(default_factory=Dataset)
+    model: Model = field(default_factory=Model)
+    train: Train = field(default_factory=Train)
+    case: Case = field(default_factory=Case)
+    profile: Profile = field(default_factory=Profile)
+
+
+@dataclass
+class Target:
+    kind: str = one_of("test_set", "indices", "misclassified", default="test_set")
+    indices: list[int] | None = None
+    per_test: bool = False
+    max_points: int | None = at_least(1, None)
+    chunk: int = at_least(1, 32)
+
+
+@dataclass
+class Score:
+    indices: list[int] | None = None
+    method: str = one_of("auto", "jvp", "per_example", default="auto")
+    part_rows: int = at_least(1, 8192)
+
+
+@dataclass
+class HessianSample:
+    pretrain_sample: int | None = at_least(1, 1000)
+    finetune_sample: int | None = at_least(1, None)
+    seed: int = 0
+    batch_size: int = at_least(1, 100)
+    graph_budget_gib: float | None = at_least(0.0, 2.0)
+
+
+@dataclass
+class Output:
+    csv: bool = False
+    top_k: int = at_least(1, 10)
+    plots: bool = True
+
+
+@dataclass
+class Influence(Base):
+    """conf/influence.yaml."""
+
+    mode: str = one_of("multi_stage", "single_stage", default="multi_stage")
+    solver: dict[str, Any] = field(default_factory=dict)  # checked by msif.influence.settings (msif.config)
+    target: Target = field(default_factory=Target)
+    score: Score = field(default_factory=Score)
+    hessian: HessianSample = field(default_factory=HessianSample)
+    output: Output = field(default_factory=Output)
+
+
+@dataclass
+class Loo:
+    k: int = at_least(1, 50)
+    selection: str = one_of("mix", "top", "random", default="mix")
+    indices: list[int] | None = None
+    seed: int = 0
+    pretrain_steps: int = at_least(0, 100)
+    finetune_steps: int = at_least(0, 100)
+    optimizer: str | None = one_of("sgd", "adam", None, default="sgd")
+    lr: float | None = above(0.0, 0.05)
+    finetune_start: str = one_of("shifted", "pretrained", default="shifted")
+    reference: str = one_of("retrain", "original", default="retrain")
+    compare: str | None = None
+    workers: int = at_least(1, 1)
+    threads: int | None = at_least(1, None)
+    bootstrap: int = at_least(0, 2000)
+
+
+@dataclass
+class ValidateLoo(Influence):
+    """conf/validate_loo.yaml."""
+
+    loo: Loo = field(default_factory=Loo)
+
+
+@dataclass
+class CleanseSettings:
+    fraction: float = above(0.0, 0.1)
+    seeds: Any = field(default_factory=lambda: [0, 1, 2])  # a list of distinct integers (checked by the stage)
+    start: str = one_of("scratch", "warm", default="scratch")
+    warm_steps: int = at_least(1, 100)
+    random_seed: int = 0
+    grid: int = at_least(1, 16)
+    workers: int = at_least(1, 1)
+    threads: int | None = at_least(1, None)
+
+
+@dataclass
+class CleanseLoo:
+    pretrain_steps: int = at_least(0, 100)
+
+
+@dataclass
+class Cleanse(Influence):
+    """conf/cleanse.yaml."""
+
+    cleanse: CleanseSettings = field(default_factory=CleanseSettings)
+    loo: CleanseLoo = field(default_factory=CleanseLoo)
+
+
+@dataclass
+class Reproduce(Base):
+    """conf/reproduce.yaml (the plan itself is checked by msif.stages.reproduce)."""
+
+    plan: dict[str, Any] = field(default_factory=dict)
+    report_dir: str = "outputs/reproduce"
+    only: list[str] | None = None
+
+
+def schema_for(cfg: DictConfig) -> type:
+    """The schema of a composed config, told by the sections it has (a stage may run on a downstream stage's
+    config: `msif cleanse` runs influence with the cleanse config)."""
+    if "plan" in cfg:
+        return Reproduce
+    if "cleanse" in cfg:
+        return Cleanse
+    if "loo" in cfg:
+        return ValidateLoo
+    if "target" in cfg:
+        return Influence
+    return Base
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse unknown keys, wrong types and out-of-range values of the composed `cfg`, naming the key."""
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise MsifError(
+            f"The configuration does not resolve: {' '.join(str(err).split())}",
+            "Check the overrides on the command line (print the composed config with --cfg job).",
+        ) from None
+    schema = schema_for(cfg)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), plain)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        text = str(err).splitlines()[0]
+        raise MsifError(
+            f"The setting '{key}' is not valid: {text}.",
+            "Check its spelling and value against the composed config (`msif <stage> --cfg job` prints it); "
+            "a key added with + must be one msif reads.",
+        ) from None
+    _check_ranges(merged, schema, "")
+
+
+def _check_ranges(node: Any, schema: type, prefix: str) -> None:
+    for f in fields(schema):
+        value = node[f.name] if f.name in node else None
+        key = f"{prefix}{f.name}"
+        nested = _dataclass_of(f.type)
+        if nested is not None:
+            if value is not None:
+                _check_ranges(value, nested, f"{key}.")
+            continue
+        meta = f.metadata
+        if value is None or not meta:
+            continue
+        if "choices" in meta and value not in meta["choices"]:
+            choices = ", ".join(str(c) for c in meta["choices"] if c is not None)
+            raise MsifError(f"{key}={value} is not one of its options.", f"Use {key}= one of: {choices}.")
+        if "min" in meta and not (_finite(value) and value >= meta["min"]):
+            raise MsifError(f"{key} must be >= {meta['min']:g}, got {value!r}.", f"Set e.g. {key}={f.default}.")
+        if "above" in meta and not (_finite(value) and value > meta["above"]):
+            raise MsifError(f"{key} must be > {meta['above']:g}, got {value!r}.", f"Set e.g. {key}={f.default}.")
+
+
+def _dataclass_of(t: Any) -> type | None:
+    """The dataclass a field holds (also inside Optional[...]), or None."""
+    if is_dataclass(t):
+        return t
+    for arg in typing.get_args(t):
+        if is_dataclass(arg):
+            return arg
+    return None
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
