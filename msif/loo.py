@@ -168,25 +168,24 @@ def correlation(predicted: np.ndarray, actual: np.ndarray, seed: int = 0, resamp
     n = len(actual)
     measures = {"pearson_r": _pearson, "spearman_rho": _spearman}
     out: dict = {"n": n, **{key: float(fn(predicted, actual)) for key, fn in measures.items()}}
-    if resamples > 0:
-        for key, fn in measures.items():
-            ci = None
-            if n >= 3:
-                with warnings.catch_warnings():  # degenerate resamples (constant columns) give NaN, not a warning
-                    warnings.simplefilter("ignore")
-                    res = stats.bootstrap(
-                        (predicted, actual),
-                        fn,
-                        paired=True,
-                        vectorized=True,
-                        n_resamples=resamples,
-                        method="BCa",
-                        confidence_level=0.95,
-                        rng=np.random.default_rng(seed),
-                    )
-                low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
-                ci = [low, high] if math.isfinite(low) and math.isfinite(high) else None
-            out[f"{key}_ci95"] = ci
+    for key, fn in measures.items():
+        ci = None
+        if n >= 3 and resamples > 0:
+            with warnings.catch_warnings():  # degenerate resamples (constant columns) give NaN, not a warning
+                warnings.simplefilter("ignore")
+                res = stats.bootstrap(
+                    (predicted, actual),
+                    fn,
+                    paired=True,
+                    vectorized=True,
+                    n_resamples=resamples,
+                    method="BCa",
+                    confidence_level=0.95,
+                    rng=np.random.default_rng(seed),
+                )
+            low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+            ci = [low, high] if math.isfinite(low) and math.isfinite(high) else None
+        out[f"{key}_ci95"] = ci
     slope = np.polyfit(actual, predicted, 1) if n >= 2 and np.ptp(actual) > 0 else [float("nan")] * 2
     out["fit_slope"], out["fit_intercept"] = float(slope[0]), float(slope[1])
     return out

@@ -138,7 +138,7 @@ def resolve_upstream(cfg: DictConfig, expected: RunFolder) -> Path:
     """The checkpoint to use for `expected`: the one named by `upstream.<stage>` or the run folder's own."""
     given = cfg.upstream.get(expected.stage)
     if not given:
-        return expected.checkpoint
+        return expected.path / expected.marker
     p = Path(str(given))
     return p / CHECKPOINT if p.is_dir() or p.suffix != ".pt" else p
 
