@@ -26,24 +26,25 @@ from hydra import compose, initialize_config_dir
 from peerlib.problem import forward_floor
 
 import msif  # noqa: F401
-from msif.cli import CONF_DIR
+from msif.config import CONF_DIR
 from msif.console import console, table
 from msif.io import atomic_write_json
-from msif.stages.common import setup
-from msif.stages.finetune import ensure_finetuned
-from msif.stages.influence import build_influence
+from msif.lifecycle import Context
+from msif.stages.finetune import finetuned
+from msif.stages.influence import Upstream, build_influence
 
 
 def main(overrides: list[str]) -> None:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("influence", overrides=["dataset=mnist", "case=fixed", *overrides])
-    env = setup(cfg)
-    pre, fin = ensure_finetuned(cfg, env.tasks)
-    pre_set, test = env.tasks.pretrain.train, env.tasks.finetune.test
+    ctx = Context(cfg)
+    pre, fin = finetuned(cfg, ctx)
+    tasks = ctx.tasks(cfg)
+    pre_set, test = tasks.pretrain.train, tasks.finetune.test
     torch.set_grad_enabled(True)
 
     t0 = time.perf_counter()
-    msi = build_influence(cfg, pre, fin, env.tasks, env.device)
+    msi = build_influence(cfg, Upstream(pre, fin), ctx)
     S = msi.target_vectors(test.x, test.y)
     t_solve = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -57,7 +58,7 @@ def main(overrides: list[str]) -> None:
     net = msi.pretrain_net
     params = [p for _, p in net.named_parameters()]
     s_parts = list(msi.pre_space.unflatten(S[0]).values())
-    x, y = pre_set.x.to(env.device), pre_set.y.to(env.device)
+    x, y = pre_set.x.to(ctx.device), pre_set.y.to(ctx.device)
 
     t2 = time.perf_counter()
     naive = torch.empty(len(y), dtype=S.dtype)
@@ -79,7 +80,7 @@ def main(overrides: list[str]) -> None:
     console.print(
         table(
             f"scoring all m={len(y):,} pretraining examples of {cfg.dataset.name} (case {cfg.case.name}, "
-            f"solver {cfg.solver.pretrain.method}, {torch.get_num_threads()} threads, {env.device})",
+            f"solver {cfg.solver.pretrain.method}, {torch.get_num_threads()} threads, {ctx.device})",
             ["computation", "seconds", "× forward pass"],
             rows,
         )
@@ -104,7 +105,7 @@ def main(overrides: list[str]) -> None:
             "steps": msi.trace.seconds,
             "agreement": agree,
             "threads": torch.get_num_threads(),
-            "device": str(env.device),
+            "device": str(ctx.device),
             "overrides": overrides,
         },
         out,

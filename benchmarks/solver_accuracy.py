@@ -23,12 +23,12 @@ from hydra import compose, initialize_config_dir
 from peerlib.problem import pearson  # benchmarks/ is on sys.path when this file runs as a script
 
 import msif  # noqa: F401
-from msif.cli import CONF_DIR
+from msif.config import CONF_DIR
 from msif.console import console, table
 from msif.influence import SingleStageInfluence
 from msif.io import atomic_write_json
-from msif.stages.common import setup
-from msif.stages.pretrain import ensure_pretrained
+from msif.lifecycle import Context
+from msif.stages.pretrain import pretrained
 
 DAMPING = 0.01
 SETTINGS = [("cg_normal", {"iterations": n}) for n in (5, 10, 20, 30, 50)] + [
@@ -48,19 +48,20 @@ def run(pre, tasks, x_T, y_T, solver: dict, device) -> tuple[np.ndarray, float, 
 def main(overrides: list[str]) -> None:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("influence", overrides=["dataset=mnist", "mode=single_stage", *overrides])
-    env = setup(cfg)
-    pre = ensure_pretrained(cfg, env.tasks)
-    x_T, y_T = env.tasks.pretrain.test.x[:500], env.tasks.pretrain.test.y[:500]  # the first 500 test points
+    ctx = Context(cfg)
+    tasks = ctx.tasks(cfg)
+    pre = pretrained(cfg, ctx)
+    x_T, y_T = tasks.pretrain.test.x[:500], tasks.pretrain.test.y[:500]  # the first 500 test points
     base = {"damping": DAMPING, "tol": 1e-7, "max_residual": 1e9}
     reference, ref_seconds, ref_trace = run(
-        pre, env.tasks, x_T, y_T, {"method": "cg_normal", "iterations": 1000, **base}, env.device
+        pre, tasks, x_T, y_T, {"method": "cg_normal", "iterations": 1000, **base}, ctx.device
     )
     ref_solve = ref_trace.solves[-1]
     rows, results = [], []
     for method, extra in SETTINGS:
         solver = {"method": method, **base, "tol": 1e-12, **extra}
         try:
-            scores, seconds, trace = run(pre, env.tasks, x_T, y_T, solver, env.device)
+            scores, seconds, trace = run(pre, tasks, x_T, y_T, solver, ctx.device)
             r = pearson(scores, reference)
             residual = trace.solves[-1].residual
         except msif.MsifError as err:
@@ -71,7 +72,7 @@ def main(overrides: list[str]) -> None:
         results.append({"solver": label, "seconds": seconds, "pearson_r": r, "residual": residual})
     console.print(
         table(
-            f"single-stage influence of m={len(env.tasks.pretrain.train):,} {cfg.dataset.name} examples on 500 test "
+            f"single-stage influence of m={len(tasks.pretrain.train):,} {cfg.dataset.name} examples on 500 test "
             f"points, damping {DAMPING}, Hessian on 1,000 examples; reference: cg_normal, {ref_solve.iterations} "
             f"iterations, residual {ref_solve.residual:.1e}, {ref_seconds:.0f} s ({torch.get_num_threads()} threads)",
             ["solver", "seconds", "r vs reference", "final residual"],

@@ -44,7 +44,10 @@ def test_the_profile_sets_training_steps_loo_steps_and_budgets():
     assert fixed.loo.finetune_steps == 3000 and fixed.solver.pretrain.iterations == 400
     cpu = compose_stage("influence", ["dataset=mnist", "case=fixed"])
     assert cpu.profile.name == "cpu" and cpu.train.pretrain.steps == 300 and cpu.train.finetune.steps == 2000
-    assert cpu.solver.pretrain.iterations == 2 * compose_stage("influence", ["solver=cg_normal"]).solver.pretrain.iterations
+    assert (
+        cpu.solver.pretrain.iterations
+        == 2 * compose_stage("influence", ["solver=cg_normal"]).solver.pretrain.iterations
+    )
 
 
 @pytest.mark.parametrize(

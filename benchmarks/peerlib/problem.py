@@ -56,16 +56,16 @@ def build_problem(
     examples, the first `test_points` of its test set, and msif's own Hessian sample (same seed as msif's)."""
     from hydra import compose, initialize_config_dir
 
-    from msif.cli import CONF_DIR
+    from msif.config import CONF_DIR
     from msif.influence.api import _sample
-    from msif.stages.common import setup
-    from msif.stages.pretrain import ensure_pretrained
+    from msif.lifecycle import Context
+    from msif.stages.pretrain import pretrained
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("influence", overrides=[f"dataset={dataset}", "mode=single_stage", *(overrides or [])])
-    env = setup(cfg)
-    pre = ensure_pretrained(cfg, env.tasks)
-    train, test = env.tasks.pretrain.train, env.tasks.pretrain.test
+    ctx = Context(cfg)
+    pre = pretrained(cfg, ctx)
+    train, test = ctx.tasks(cfg).pretrain.train, ctx.tasks(cfg).pretrain.test
     net = pre.net.float().cpu().eval()
     for p in net.parameters():
         p.requires_grad_(True)
