@@ -1,4 +1,4 @@
-"""Benchmark: the cost of per-test influence for 1, 10, 100 and 1,000 test points at once (issue #6).
+"""Benchmark: the cost of per-test influence for 1, 10, 100 and 1,000 test points at once.
 
     python benchmarks/many_targets.py                        # MNIST 0-3 network, single-stage, damping 0.01
     python benchmarks/many_targets.py --dataset digits --k 1 10 100

@@ -1,4 +1,4 @@
-"""Benchmark: msif's single-stage influence against the libraries users would otherwise pick, in one run (issue #6).
+"""Benchmark: msif's single-stage influence against the libraries users would otherwise pick, in one run.
 
     python benchmarks/peers.py                         # MNIST 0-3 network: every msif solver and every peer installed
     python benchmarks/peers.py --only kronfluence msif  # methods whose label contains one of these words
@@ -320,7 +320,7 @@ def main() -> None:
 
 
 def goal_lines(rows: list[dict], sc: dict | None) -> list[str]:
-    """The issue's goals, each stated with the numbers measured in this run."""
+    """The benchmark's goals (docs/peer-benchmark.md), each stated with the numbers measured in this run."""
     timed = [r for r in rows if "seconds" in r and not r["method"].startswith("reference")]
     lines = []
     default = next((r for r in timed if r["method"] == "msif default"), None)

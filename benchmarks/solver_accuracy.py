@@ -3,7 +3,7 @@
     python benchmarks/solver_accuracy.py                  # MNIST 0-3 pretraining network, profile cpu
     python benchmarks/solver_accuracy.py dataset=digits   # any `msif influence` override works
 
-The setting every influence library shares (issue #6): the influence of all pretraining examples on the summed loss
+The setting every influence library shares: the influence of all pretraining examples on the summed loss
 of the first 500 test examples of the same task, on the same trained network, damping 0.01, Hessian on 1,000
 examples. A converged reference (cg_normal run until its relative residual is below 1e-7, or 1,000 iterations) is
 computed first; then each solver setting is timed end to end (target gradient, solve, scoring every example) in this

@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from msif.stages.common import setup
 
 from msif.cleanse import compare_conditions, harmful_rows, kept_rows, random_rows, retrain_without
 from msif.errors import MsifError
 from msif.stages import cleanse
-from msif.stages.common import setup
 from msif.stages.finetune import ensure_finetuned
 from tests.conftest import compose_cfg, run_msif
 from tests.test_cli import ok, refused

@@ -8,9 +8,9 @@ import tarfile
 import pytest
 import torch
 import torch.nn.functional as F
+from msif.stages.common import setup
 
 from msif.influence import MultiStageInfluence, default_solver
-from msif.stages.common import setup
 from msif.stages.finetune import ensure_finetuned
 from tests.conftest import SHARED_DATA, compose_cfg, run_msif
 

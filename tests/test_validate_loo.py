@@ -51,8 +51,9 @@ def test_on_a_problem_solved_to_optimality_predicted_and_actual_effects_agree(en
 
 
 def test_the_with_and_without_retrains_see_identical_batches_apart_from_z(env):
-    from msif.loo import Retrainer
     from msif.stages.common import setup
+
+    from msif.loo import Retrainer
     from msif.stages.finetune import ensure_finetuned
 
     cfg = compose_cfg("validate-loo", FAST)
@@ -169,8 +170,9 @@ def test_a_corrupt_partial_csv_is_refused_and_kept(env, tmp_path):
 
 def test_retrains_start_from_the_trained_model_moved_by_the_pretraining_change(env):
     """With no retraining steps the retrain is the finetuned model itself (shifted start), in both cases."""
-    from msif.loo import Retrainer
     from msif.stages.common import setup
+
+    from msif.loo import Retrainer
     from msif.stages.finetune import ensure_finetuned
 
     for case in ("fixed", "updated"):

@@ -1,4 +1,4 @@
-"""Adapters that run other influence libraries on the single-stage problem every library shares (issue #6).
+"""Adapters that run other influence libraries on the single-stage problem every library shares.
 
 `problem.Problem` is the common input; each `<library>_methods.py` exposes `METHODS`, a dict from a method label to a
 function `Problem -> np.ndarray (m,)` returning scores in msif's sign and units (MATH.md): I(z) = −∇L_Tᵀ (H+λI)⁻¹ ∇ℓ(z),

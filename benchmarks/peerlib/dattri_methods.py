@@ -90,7 +90,7 @@ def _scores(p: Problem, attributor) -> np.ndarray:
 def _run(p: Problem, make, one_batch: bool = True, autograd_cache: bool = False, cache=None) -> np.ndarray:
     # torch.no_grad(): dattri's flattened parameters require grad, so every HVP it computes with torch.func is also
     # recorded by ordinary autograd and the graph of a whole CG / Arnoldi / LiSSA run is kept alive until the final
-    # .detach() (measured: 600 MB instead of 97 MB for CG 50 on digits; CG 50 on MNIST ran out of 23 GB). torch.func
+    # .detach(), which runs out of memory on MNIST (docs/peer-benchmark.md). torch.func
     # transforms ignore an outer no_grad, so the results are unchanged. EK-FAC's cache needs ordinary autograd.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

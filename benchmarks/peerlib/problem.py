@@ -90,9 +90,9 @@ FLOOR_BATCH_SIZES = (64, 128, 256, 512)
 
 def forward_floor(net, x: torch.Tensor, y: torch.Tensor, repeats: int = 2) -> tuple[float, int]:
     """(seconds, batch size) of the fastest plain forward pass (no gradients, cross-entropy per example) over all of
-    (x, y), best of `repeats` at each of FLOOR_BATCH_SIZES: the floor scoring is compared with. On this machine the
-    forward pass is up to 1.7x slower at 512 rows than at 128 (activations above glibc's 32 MiB mmap threshold are
-    page-faulted afresh each batch), so a floor at one batch size can flatter whatever it is compared with."""
+    (x, y), best of `repeats` at each of FLOOR_BATCH_SIZES: the floor scoring is compared with. The forward pass's speed
+    depends on the batch size (activations above glibc's 32 MiB mmap threshold are page-faulted afresh each batch),
+    so a floor at one batch size can flatter whatever it is compared with."""
     import time
 
     import torch.nn.functional as F

@@ -24,10 +24,8 @@ from msif.influence.params import FlatLoss
 # per-example gradients are formed for at most this many (example x parameter) entries at a time
 PER_EXAMPLE_BUDGET = 2**25
 JVP_CHUNK = 16  # directions vmapped together in one forward-mode pass
-# examples per forward-mode pass, whatever the batch size. Larger passes allocate activation tangents above glibc's
-# 32 MiB mmap threshold, which are then mapped and page-faulted afresh for every batch (MNIST network, 2 threads:
-# 24,754 examples in 3.9 s at 128 rows, 6.6 s at 512, 8.7 s at 1,024; with the threshold raised through
-# GLIBC_TUNABLES, 3.7 s at 512 too). A plain forward pass takes 2.1 s.
+# examples per forward-mode pass, whatever the batch size: larger passes allocate activation tangents above glibc's
+# 32 MiB mmap threshold, which are then mapped and page-faulted afresh for every batch (docs/speed.md).
 JVP_ROWS = 128
 AUTO_MEASURE_MAX_K = 64  # auto measures both ways only up to this many targets; above it, per-example gradients
 
