@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from msif.data import Tasks
+from msif.io import atomic_write_text
 from msif.training import evaluate, finetune_from, train_pretrain_net
 
 CONDITIONS = ("none", "harmful", "random")  # no removal, the top positive scores, the same number at random
@@ -132,3 +134,50 @@ def _stat(v: np.ndarray, stat: str) -> float:
     if stat == "mean":
         return float(np.mean(v))
     return float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def write_removed(file: Path, harmful: np.ndarray, randoms: dict, pre_set, scores: pd.DataFrame) -> None:
+    """removed.csv: every removed row (harmful, and the random control per seed) with its label and score."""
+    score = scores.set_index("index")["score"]
+    names = np.array(pre_set.class_names)
+    parts = [("harmful", None, harmful)] + [("random", s, r) for s, r in randoms.items()]
+    frames = []
+    for cond, seed, rows in parts:
+        labels = pre_set.y[rows].numpy()
+        frames.append(
+            pd.DataFrame(
+                {
+                    "condition": cond,
+                    "seed": pd.array([seed] * len(rows), dtype="Int64"),
+                    "index": rows,
+                    "source_index": pre_set.source_index[rows].numpy(),
+                    "label": labels,
+                    "class_name": names[labels],
+                    "score": score.loc[rows].to_numpy(),
+                }
+            )
+        )
+    atomic_write_text(pd.concat(frames, ignore_index=True).to_csv(index=False), file)
+
+
+def cleanse_figures(
+    cfg, tasks: Tasks, path: Path, summary: dict, rows, scores: pd.DataFrame, count, m, n_seeds
+) -> None:
+    """cleanse.png (accuracy and loss per condition) and, for images, removed_grid.png."""
+    from msif import plots
+
+    plots.cleanse_bars(
+        summary,
+        path / "cleanse.png",
+        f"{cfg.dataset.name}, case {cfg.case.name}: finetune test accuracy after removing {count:,} of {m:,} "
+        f"pretraining examples ({n_seeds} seeds)",
+    )
+    if len(tasks.input_shape) == 3 and cfg.output.plots:
+        plots.removed_figure(
+            rows[: int(cfg.cleanse.grid)],
+            scores,
+            tasks.pretrain.train,
+            cfg.dataset.get("normalize"),
+            path / "removed_grid.png",
+            cfg.dataset.name,
+        )

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,8 +24,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from msif.config import to_plain
 from msif.data import Tasks
 from msif.errors import MsifError
+from msif.io import atomic_write_json
+from msif.runs import read_json
 from msif.training import fit, train_finetune_net
 
 if TYPE_CHECKING:
@@ -195,6 +200,8 @@ def _pearson(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
     """Pearson's r along `axis` (scipy.stats; NaN where either side is constant), batches of resamples at once."""
     from scipy import stats
 
+    if np.shape(a)[axis] < 2:  # one pair has no correlation
+        return np.full(np.delete(np.shape(a), axis), np.nan) if np.ndim(a) > 1 else np.float64("nan")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # constant input: NaN
         return stats.pearsonr(a, b, axis=axis).statistic
@@ -205,3 +212,63 @@ def _spearman(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
     from scipy.stats import rankdata
 
     return _pearson(rankdata(a, axis=axis), rankdata(b, axis=axis), axis=axis)
+
+
+def reference_loss(cfg: DictConfig, retrainer: Retrainer, path: Path) -> float:
+    """L_T of the reference: the retrain with z (cached in reference.json), or the original finetuned model."""
+    file = path / "reference.json"
+    cached = read_json(file)
+    if cached.get("reference") == cfg.loo.reference and "test_loss" in cached:
+        return float(cached["test_loss"])
+    start = time.perf_counter()
+    loss = retrainer.test_loss(None) if cfg.loo.reference == "retrain" else retrainer.original_test_loss()
+    atomic_write_json({"reference": cfg.loo.reference, "test_loss": loss, "seconds": time.perf_counter() - start}, file)
+    return loss
+
+
+def summarize(
+    cfg: DictConfig, frame: pd.DataFrame, compare: str | None, reference: float, main, compared, m: int
+) -> dict:
+    """loo_summary.json: the correlations of predicted and actual effects, and what they were measured with."""
+    actual = frame["actual_effect"].to_numpy()
+    seed, n_boot = int(cfg.loo.seed), int(cfg.loo.bootstrap)
+    stats = {"msif": correlation(frame["predicted_effect"].to_numpy(), actual, seed, n_boot)}
+    if compare:
+        stats[compare] = correlation(frame[f"{compare}_predicted_effect"].to_numpy(), actual, seed, n_boot)
+    return {
+        "stage": "validate-loo",
+        "dataset": cfg.dataset.name,
+        "case": cfg.case.name,
+        "k": len(frame),
+        "m": m,
+        "pretrain_steps": int(cfg.loo.pretrain_steps),
+        "finetune_steps": int(cfg.loo.finetune_steps),
+        "reference": cfg.loo.reference,
+        "reference_test_loss": reference,
+        "selection": cfg.loo.selection if cfg.loo.indices is None else "indices",
+        "solver": to_plain(cfg.solver),
+        "correlation": stats,
+        "retrain_seconds": {"mean": float(frame["seconds"].mean()), "total": float(frame["seconds"].sum())},
+        "influence_run": str(main.path),
+        "compare_run": str(compared.path) if compared else None,
+        "influence_seconds": main.summary.get("seconds", {}).get("total"),
+    }
+
+
+def plot(cfg: DictConfig, frame: pd.DataFrame, summary: dict, compare: str | None, path: Path) -> None:
+    """loo.png: predicted against actual effects (the paper's Figure 2; with the compared solver, Figure 3)."""
+    from msif import plots
+
+    panels = [
+        (f"msif ({cfg.solver.pretrain.method})", frame["predicted_effect"].to_numpy(), summary["correlation"]["msif"])
+    ]
+    if compare:
+        panels.append(
+            (f"{compare} (ablation)", frame[f"{compare}_predicted_effect"].to_numpy(), summary["correlation"][compare])
+        )
+    plots.loo_scatter(
+        panels,
+        frame["actual_effect"].to_numpy(),
+        path,
+        f"{cfg.dataset.name}, case {cfg.case.name}: leave-one-out retraining, k = {len(frame)}",
+    )

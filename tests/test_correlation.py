@@ -55,3 +55,9 @@ def test_the_bca_interval_agrees_with_fishers_z_interval_for_normal_data():
 def test_constant_predictions_give_nan_not_an_error():
     c = correlation(np.ones(6), np.arange(6.0), resamples=100)
     assert math.isnan(c["pearson_r"]) and c["pearson_r_ci95"] is None
+
+
+def test_fewer_than_two_pairs_give_nan():
+    """validate-loo shows the running r after every retrain, the first one included."""
+    c = correlation(np.array([0.1]), np.array([0.2]), resamples=0)
+    assert math.isnan(c["pearson_r"]) and math.isnan(c["spearman_rho"])

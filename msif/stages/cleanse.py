@@ -18,11 +18,19 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from msif.cleanse import CONDITIONS, compare_conditions, harmful_rows, random_rows, retrain_without
+from msif.cleanse import (
+    CONDITIONS,
+    cleanse_figures,
+    compare_conditions,
+    harmful_rows,
+    random_rows,
+    retrain_without,
+    write_removed,
+)
 from msif.config import to_plain
 from msif.console import console, say
 from msif.errors import MsifError
-from msif.io import atomic_write_json, atomic_write_text
+from msif.io import atomic_write_json
 from msif.lifecycle import Context, ResumableRows, Stage, run, run_jobs, threads_per_worker
 from msif.runs import RunFolder, Trained
 from msif.stages.finetune import finetuned
@@ -146,7 +154,7 @@ class Cleanse(Stage):
             "influence_run": str(scores.path),
             "settings": to_plain(folder.settings),
         }
-        figures(cfg, ctx, folder.path, summary, removal.rows, scores.scores, count, m, len(seeds))
+        cleanse_figures(cfg, ctx.tasks(cfg), folder.path, summary, removal.rows, scores.scores, count, m, len(seeds))
         atomic_write_json(summary, folder.path / "cleanse_summary.json")
         for t in cleanse_tables(summary, CONDITIONS):
             console.print(t)
@@ -220,50 +228,6 @@ def retrain(state: tuple, seed: int, cond: str, removed: np.ndarray) -> tuple[in
             warm_steps=cfg.cleanse.warm_steps,
         ),
     )
-
-
-def write_removed(file: Path, harmful: np.ndarray, randoms: dict, pre_set, scores: pd.DataFrame) -> None:
-    score = scores.set_index("index")["score"]
-    names = np.array(pre_set.class_names)
-    parts = [("harmful", None, harmful)] + [("random", s, r) for s, r in randoms.items()]
-    frames = []
-    for cond, seed, rows in parts:
-        labels = pre_set.y[rows].numpy()
-        frames.append(
-            pd.DataFrame(
-                {
-                    "condition": cond,
-                    "seed": pd.array([seed] * len(rows), dtype="Int64"),
-                    "index": rows,
-                    "source_index": pre_set.source_index[rows].numpy(),
-                    "label": labels,
-                    "class_name": names[labels],
-                    "score": score.loc[rows].to_numpy(),
-                }
-            )
-        )
-    atomic_write_text(pd.concat(frames, ignore_index=True).to_csv(index=False), file)
-
-
-def figures(cfg, ctx, path: Path, summary: dict, rows: np.ndarray, scores: pd.DataFrame, count, m, n_seeds) -> None:
-    from msif import plots
-
-    plots.cleanse_bars(
-        summary,
-        path / "cleanse.png",
-        f"{cfg.dataset.name}, case {cfg.case.name}: finetune test accuracy after removing {count:,} of {m:,} "
-        f"pretraining examples ({n_seeds} seeds)",
-    )
-    tasks = ctx.tasks(cfg)
-    if len(tasks.input_shape) == 3 and cfg.output.plots:
-        plots.removed_figure(
-            rows[: int(cfg.cleanse.grid)],
-            scores,
-            tasks.pretrain.train,
-            cfg.dataset.get("normalize"),
-            path / "removed_grid.png",
-            cfg.dataset.name,
-        )
 
 
 __all__ = ["CleanseResult", "cleanse"]

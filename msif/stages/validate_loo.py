@@ -15,13 +15,13 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from msif.config import CONF_DIR, to_plain
+from msif.config import CONF_DIR
 from msif.console import console, progress, say
 from msif.errors import MsifError
 from msif.io import atomic_write_json, atomic_write_text
 from msif.lifecycle import Context, ResumableRows, Stage, run, run_jobs, threads_per_worker
-from msif.loo import Retrainer, check_selection, correlation, select_examples
-from msif.runs import RunFolder, read_json
+from msif.loo import Retrainer, check_selection, correlation, plot, reference_loss, select_examples, summarize
+from msif.runs import RunFolder
 from msif.stages.finetune import finetuned
 from msif.stages.influence import INFLUENCE, InfluenceResult, influence
 from msif.summaries import loo_table
@@ -149,7 +149,7 @@ class ValidateLoo(Stage):
         frame["order"] = frame["index"].map({z: i for i, z in enumerate(selection)})
         frame = frame.sort_values("order").drop(columns="order").reset_index(drop=True)
         atomic_write_text(frame.to_csv(index=False), table.csv)  # final: in selection order, whatever finished first
-        summary = summarize(cfg, frame, compare, reference, up, m)
+        summary = summarize(cfg, frame, compare, reference, up.main, up.compared, m)
         summary["original_test_loss"] = original
         summary["reference_drift"] = drift
         summary["retrain_optimizer"] = {
@@ -199,62 +199,6 @@ def retrain(retrainer: Retrainer, z: int) -> tuple[int, float, float]:
     """(z, L_T without z, seconds) for one leave-one-out retrain."""
     start = time.perf_counter()
     return z, retrainer.test_loss(z), time.perf_counter() - start
-
-
-def reference_loss(cfg: DictConfig, retrainer: Retrainer, path: Path) -> float:
-    """L_T of the reference: the retrain with z (cached in reference.json), or the original finetuned model."""
-    file = path / "reference.json"
-    cached = read_json(file)
-    if cached.get("reference") == cfg.loo.reference and "test_loss" in cached:
-        return float(cached["test_loss"])
-    start = time.perf_counter()
-    loss = retrainer.test_loss(None) if cfg.loo.reference == "retrain" else retrainer.original_test_loss()
-    atomic_write_json({"reference": cfg.loo.reference, "test_loss": loss, "seconds": time.perf_counter() - start}, file)
-    return loss
-
-
-def summarize(cfg: DictConfig, frame: pd.DataFrame, compare: str | None, reference: float, up: Scored, m: int) -> dict:
-    actual = frame["actual_effect"].to_numpy()
-    seed, n_boot = int(cfg.loo.seed), int(cfg.loo.bootstrap)
-    stats = {"msif": correlation(frame["predicted_effect"].to_numpy(), actual, seed, n_boot)}
-    if compare:
-        stats[compare] = correlation(frame[f"{compare}_predicted_effect"].to_numpy(), actual, seed, n_boot)
-    return {
-        "stage": "validate-loo",
-        "dataset": cfg.dataset.name,
-        "case": cfg.case.name,
-        "k": len(frame),
-        "m": m,
-        "pretrain_steps": int(cfg.loo.pretrain_steps),
-        "finetune_steps": int(cfg.loo.finetune_steps),
-        "reference": cfg.loo.reference,
-        "reference_test_loss": reference,
-        "selection": cfg.loo.selection if cfg.loo.indices is None else "indices",
-        "solver": to_plain(cfg.solver),
-        "correlation": stats,
-        "retrain_seconds": {"mean": float(frame["seconds"].mean()), "total": float(frame["seconds"].sum())},
-        "influence_run": str(up.main.path),
-        "compare_run": str(up.compared.path) if up.compared else None,
-        "influence_seconds": up.main.summary.get("seconds", {}).get("total"),
-    }
-
-
-def plot(cfg: DictConfig, frame: pd.DataFrame, summary: dict, compare: str | None, path: Path) -> None:
-    from msif import plots
-
-    panels = [
-        (f"msif ({cfg.solver.pretrain.method})", frame["predicted_effect"].to_numpy(), summary["correlation"]["msif"])
-    ]
-    if compare:
-        panels.append(
-            (f"{compare} (ablation)", frame[f"{compare}_predicted_effect"].to_numpy(), summary["correlation"][compare])
-        )
-    plots.loo_scatter(
-        panels,
-        frame["actual_effect"].to_numpy(),
-        path,
-        f"{cfg.dataset.name}, case {cfg.case.name}: leave-one-out retraining, k = {len(frame)}",
-    )
 
 
 __all__ = ["LooResult", "compare_config", "validate_loo"]
