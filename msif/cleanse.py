@@ -1,7 +1,7 @@
 """Data cleansing (paper Section 4.2): which pretraining examples to remove, a model retrained without them, and
 how the conditions compare across seeds. The `msif cleanse` stage (msif/stages/cleanse.py) is a thin layer on these.
 
-Positive I(z, T) means z raised the finetune test loss (MATH.md), so the examples removed are the largest positive
+Positive I(z, T) means z raised the finetune test loss (docs/MATH.md), so the examples removed are the largest positive
 scores; the control removes the same number of examples drawn at random.
 """
 

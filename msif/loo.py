@@ -1,4 +1,4 @@
-"""Leave-one-out ground truth (MATH.md, "Leave-one-out ground truth"; paper Section 4.1, Appendix B).
+"""Leave-one-out ground truth (docs/MATH.md, "Leave-one-out ground truth"; paper Section 4.1, Appendix B).
 
 For a pretraining example z: continue pretraining from (W*, U*) for K_p steps without z (giving W'), then finetune
 again for K_f steps from the finetuned weights moved by the pretraining change, (W** + W' − W*, Θ*) (case fixed:

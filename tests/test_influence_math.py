@@ -1,4 +1,4 @@
-"""The influence mathematics checked against independent computations (MATH.md).
+"""The influence mathematics checked against independent computations (docs/MATH.md).
 
 * Exactness: msif's scores on a tiny float64 network equal a computation written here with explicit Hessians
   (torch.func.hessian + torch.linalg.solve on a hand-written forward pass), for both finetune cases.

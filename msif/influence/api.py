@@ -100,7 +100,7 @@ def _sample(n: int, k: int | None, seed: int) -> torch.Tensor:
 
 
 class MultiStageInfluence:
-    """Influence of pretraining examples on a finetuned model's test loss (Chen et al. 2020; MATH.md)."""
+    """Influence of pretraining examples on a finetuned model's test loss (Chen et al. 2020; docs/MATH.md)."""
 
     def __init__(
         self,

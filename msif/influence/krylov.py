@@ -1,4 +1,4 @@
-"""The Lanczos process behind the `lanczos` solver and the `lowrank` curvature fit (MATH.md, "Solving H x = b").
+"""The Lanczos process behind the `lanczos` solver and the `lowrank` curvature fit (docs/MATH.md, "The solved systems").
 
 `Krylov(H, B)` grows, one HVP per step for every row b of B at once, an orthonormal basis Q of the Krylov space
 K_j(H, b) with full reorthogonalisation (two classical Gram–Schmidt passes), so that T = QᵀHQ is tridiagonal to

@@ -1,4 +1,4 @@
-"""The multi-stage influence function, step by step as in MATH.md (paper eq. 6–15, Algorithm 1).
+"""The multi-stage influence function, step by step as in docs/MATH.md (paper eq. 6–15, Algorithm 1).
 
 Both cases end in one vector per target, s = H_G⁻¹ [· ; 0] in the pretrain parameter space (W, U), after which
 every pretraining example z is scored by I(z, T) = −⟨s, ∇_{(W,U)} g(z)⟩ (scoring.py). Positive I: upweighting z

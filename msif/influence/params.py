@@ -1,4 +1,4 @@
-"""Parameters as one flat vector, and the losses of MATH.md as functions of that vector.
+"""Parameters as one flat vector, and the losses of docs/MATH.md as functions of that vector.
 
 A network's parameters are ordered embedding first, then head, so the W block of a flat vector is its first
 |W| entries and [u ; 0] is `torch.cat([u, zeros(|U|)])`. All Hessians and solves work on these flat vectors.

@@ -5,7 +5,7 @@
     scores = ssi.influence(x_test, y_test)      # (m,)  I(z, T) = −⟨H⁻¹ ∇L_T, ∇ℓ(z)⟩
 
 H is the Hessian of the mean training loss (on a fixed sample of `hessian_sample` examples), L_T = Σ_{t∈T} ℓ(t), and
-the sign and units are those of the multi-stage score (MATH.md): I = dL_T/dε for upweighting z by ε, positive I is
+the sign and units are those of the multi-stage score (docs/MATH.md): I = dL_T/dε for upweighting z by ε, positive I is
 harmful, removing z changes L_T by about −I/m. It is the multi-stage score with no second stage, the part every
 influence library computes; `msif influence mode=single_stage` runs it on the pretrained network.
 """

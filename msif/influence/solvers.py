@@ -1,4 +1,4 @@
-"""Inverse-Hessian-vector products: x ≈ H⁻¹ b for a block of right-hand sides (MATH.md, "Solving H x = b").
+"""Inverse-Hessian-vector products: x ≈ H⁻¹ b for a block of right-hand sides (docs/MATH.md, "The solved systems").
 
 Every solver takes a `Hessian` (anything with `matvec`, `size`, and for `exact` `dense`), a block B of shape (K, p)
 and its settings, and returns X (K, p) with a `SolveReport`:
