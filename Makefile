@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.msif-installed
 
-.PHONY: help install demo test test-slow test-full data bench bench-venv bench-peers bench-targets reproduce lint clean-outputs
+.PHONY: help install demo test test-slow test-full coverage data bench bench-venv bench-peers bench-targets reproduce lint clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -25,6 +25,12 @@ demo: install  ## the main job on the embedded 8x8 digits (no download): pretrai
 
 test: install  ## the fast test suite (a few minutes on 2 cores)
 	$(BIN)/python -m pytest -m "not slow" -q
+
+coverage: install  ## the fast suite under coverage.py (subprocesses included), then the line-coverage report
+	rm -rf .coverage && mkdir -p .coverage
+	$(BIN)/python -m coverage run -m pytest -m "not slow" -q
+	$(BIN)/python -m coverage combine -q
+	$(BIN)/python -m coverage report --sort=cover | tail -25
 
 test-slow: install  ## the slow tests only (real data sets, full-size networks)
 	$(BIN)/python -m pytest -m slow -q
