@@ -98,6 +98,11 @@ def run_stage(name: str, entry: str, overrides: list[str]) -> int:
 
     module, func = entry.split(":")
     fn = getattr(importlib.import_module(module), func)
+    if not any(a.startswith("-") for a in overrides):  # flags (-m, --help, --cfg ...) are Hydra's to handle
+        problem = composition_problem(name, overrides)
+        if problem:
+            print_error(problem)
+            return 2
 
     @hydra.main(config_path=CONF_DIR, config_name=name.replace("-", "_"), version_base="1.3")
     def app(cfg) -> None:
@@ -123,6 +128,26 @@ def run_stage(name: str, entry: str, overrides: list[str]) -> int:
     finally:
         sys.argv = saved
     return 0
+
+
+def composition_problem(name: str, overrides: list[str]) -> str | None:
+    """Hydra's complaint about `overrides` (an unknown group option, a key not in the config), as one paragraph."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            compose(config_name=name.replace("-", "_"), overrides=overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        text = " ".join(str(err).replace("\t", " ").split()).split(" Config search path:")[0]
+        if "To append to your config use +" in text:  # a key msif does not have: a typo, not a key to add
+            text = text.split(" To append")[0] + " msif has no such setting (`--cfg job` prints the ones it has)."
+        return (
+            f"The command line does not compose into a config: {text} Check the overrides "
+            f"(`msif {name} --help` lists the config groups and their options)."
+        )
+    return None
 
 
 def command_line_advice(err: MsifError) -> str:
