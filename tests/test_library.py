@@ -89,7 +89,7 @@ def test_lanczos_and_cg_solve_the_explicit_system():
         ({"method": "lanczos", "iterations": 0}, "iterations"),
         ({"method": "lowrank", "rank": 2.5}, "rank"),
         ({"method": "newton"}, "newton"),
-        ({"method": "cg", "tol": 0}, "tol"),
+        ({"method": "cg", "tol": -1e-6}, "tol"),
     ],
 )
 def test_bad_solver_settings_are_refused_naming_the_setting(spec, key):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from msif.influence.multistage import Trace, ihvp1, ihvp2, mixed_term, pad_to_pr
 from msif.influence.params import ParamSpace, embed, network_space, summed_loss
 from msif.influence.scoring import METHODS as SCORE_METHODS
 from msif.influence.scoring import score_network
-from msif.influence.settings import SolverSettings, solver_settings
+from msif.influence.settings import SETTINGS, SolverSettings, solver_settings
 
 CASES = ("fixed", "updated")
 
@@ -39,8 +40,11 @@ def default_solver(
     tol: float = 1e-6,
     **extra: Any,
 ) -> dict[str, dict[str, Any]]:
-    """Solver settings for both Hessians (the shape of the `solver` config group)."""
-    common = {"method": method, "iterations": iterations, "tol": tol, **extra}
+    """Solver settings for both Hessians (the shape of the `solver` config group); `iterations` goes to the methods
+    that iterate (lanczos, cg_normal, cg)."""
+    common = {"method": method, "tol": tol, **extra}
+    if method in SETTINGS and "iterations" in {f.name for f in fields(SETTINGS[method])}:
+        common["iterations"] = iterations
     return {"pretrain": {**common, "damping": pretrain_damping}, "finetune": {**common, "damping": finetune_damping}}
 
 

@@ -28,7 +28,7 @@ class SolverSettings:
 
     def __post_init__(self) -> None:
         self._at_least("damping", 0.0)
-        self._positive("tol")
+        self._at_least("tol", 0.0)  # 0: run every iteration
         self._positive("max_residual")
 
     def as_dict(self) -> dict[str, Any]:
