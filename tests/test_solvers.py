@@ -76,12 +76,14 @@ def test_lanczos_stops_at_an_invariant_subspace():
 
 
 class DenseWithPoint(Dense):
-    """`Dense` with what the cached curvature needs: a point (dtype/device) and a fingerprint."""
+    """`Dense` with what the cached curvature needs (msif.influence.curvature.CurvatureSource): a point (dtype,
+    device), a cache folder, the in-memory pairs and a fingerprint."""
 
     def __init__(self, A, cache_dir=None):
         super().__init__(A)
         self.point = torch.zeros(len(A), dtype=A.dtype)
         self.cache_dir = cache_dir
+        self.ritz_pairs = {}
 
     def fingerprint(self) -> str:
         return "dense-" + str(abs(hash(self.A.sum().item())))

@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -29,6 +30,22 @@ from msif.progress import progress
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+
+
+class CurvatureSource(Protocol):
+    """What `ritz_curvature` needs of a Hessian (msif.influence.hessian.Hessian is one)."""
+
+    point: torch.Tensor  # the point H is taken at (its dtype and device)
+    cache_dir: Path | None  # where fitted pairs are kept between runs (None: memory only)
+    ritz_pairs: dict  # (rank, seed) -> RitzCurvature, in memory
+    calls: int  # Hessian-vector products so far
+
+    @property
+    def size(self) -> int: ...
+
+    def matvec(self, V: torch.Tensor) -> torch.Tensor: ...
+
+    def fingerprint(self) -> str: ...
 
 
 def spectral_filter(theta: torch.Tensor, damping: float, normal: bool) -> torch.Tensor:
@@ -50,7 +67,7 @@ class RitzCurvature:
         return ((B @ U.T) * f) @ U
 
 
-def fit_ritz(H, rank: int, seed: int = 0) -> RitzCurvature:
+def fit_ritz(H: CurvatureSource, rank: int, seed: int = 0) -> RitzCurvature:
     """`rank` Lanczos steps on H (msif.influence.krylov) from a random unit vector (seeded) -> Ritz pairs."""
     start = time.perf_counter()
     calls0 = H.calls
@@ -73,7 +90,7 @@ def fit_ritz(H, rank: int, seed: int = 0) -> RitzCurvature:
     return RitzCurvature(theta, vectors, H.calls - calls0, time.perf_counter() - start)
 
 
-def ritz_curvature(H, rank: int, seed: int = 0) -> RitzCurvature:
+def ritz_curvature(H: CurvatureSource, rank: int, seed: int = 0) -> RitzCurvature:
     """The Ritz pairs of H for (rank, seed): memory, then H.cache_dir, then a fit (saved to H.cache_dir)."""
     key = (int(rank), int(seed))
     memo = H.ritz_pairs
