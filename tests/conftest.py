@@ -1,45 +1,63 @@
-"""Shared test helpers: compose configs in-process, run the `msif` command in a subprocess, all inside tmp_path."""
+"""Fixtures only (the helpers they use live in tests/helpers/): each test's own folders, and runs trained once."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-import msif  # noqa: F401  (registers resolvers)
-from msif.cli import CONF_DIR
+from tests.helpers.env import isolate
+from tests.helpers.runs import RunCache
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The fast tests' networks are tiny: a second torch thread buys nothing, and on two cores shared with other work
+    its OpenMP barriers stall every small op for a scheduler tick (a tiny finetune then takes seconds, not 0.3 s).
+    Subprocesses the tests start get as many threads (tests/helpers/cli.py), so runs compared across them match.
+    Session-wide, so that module- and session-scoped fixtures train with it too. Yields torch's default."""
+    import torch
+
+    default = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield default
+    torch.set_num_threads(default)
+
+
+@pytest.fixture(autouse=True)
+def default_threads_for_slow_tests(request, one_torch_thread):
+    """The slow tests (full-size networks on real data) run with torch's default threads."""
+    if not request.node.get_closest_marker("slow"):
+        yield
+        return
+    import torch
+
+    torch.set_num_threads(one_torch_thread)
+    yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
 def env(tmp_path, monkeypatch) -> dict[str, str]:
-    """Environment for a subprocess run: outputs, cache and an (empty) data folder inside tmp_path."""
-    e = dict(os.environ)
-    e.update(
-        {
-            "MSIF_OUTPUTS": str(tmp_path / "outputs"),
-            "MSIF_CACHE": str(tmp_path / "cache"),
-            "MSIF_DATA": str(tmp_path / "data"),
-            "COLUMNS": "200",
-        }
-    )
-    for k in ("MSIF_OUTPUTS", "MSIF_CACHE", "MSIF_DATA"):
-        monkeypatch.setenv(k, e[k])
-    return e
+    """Outputs, cache and an (empty) data folder inside tmp_path (MSIF_OUTPUTS / MSIF_CACHE / MSIF_DATA); the
+    returned dict is the whole environment, for a test that starts a subprocess."""
+    return isolate(tmp_path, monkeypatch)
 
 
-def compose_cfg(stage: str, overrides: list[str] | None = None):
-    """The config `msif <stage> <overrides>` would run with (environment variables resolved at access)."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name=stage.replace("-", "_"), overrides=list(overrides or []), return_hydra_config=False)
+@pytest.fixture(scope="session")
+def run_cache(tmp_path_factory) -> RunCache:
+    return RunCache(tmp_path_factory.mktemp("prebuilt"))
 
 
-def run_msif(args: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "msif", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600
-    )
+@pytest.fixture
+def prebuilt(run_cache, env):
+    """prebuilt(stage, overrides, upto=None, into=None, config=None): copy the finished runs that
+    `msif <stage> <overrides>` makes (trained once per session) into this test's output root (or `into`), and return
+    that root. `config` composes another stage's primary config (e.g. "validate-loo", whose overrides name loo.*)."""
+
+    def copy(
+        stage: str, overrides: list[str], upto: str | None = None, into: Path | None = None, config: str | None = None
+    ) -> Path:
+        return run_cache.copy(stage, overrides, Path(into or env["MSIF_OUTPUTS"]), upto, config)
+
+    return copy

@@ -6,16 +6,23 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from msif.stages.common import setup
 
 from msif.cleanse import compare_conditions, harmful_rows, kept_rows, random_rows, retrain_without
 from msif.errors import MsifError
 from msif.stages import cleanse
-from msif.stages.finetune import ensure_finetuned
-from tests.conftest import compose_cfg, run_msif
-from tests.test_cli import ok, refused
+from msif.lifecycle import Context
+from msif.stages.finetune import finetuned
+from tests.helpers.cli import msif, ok, refused
+from tests.helpers.configs import compose_cfg
 
-FAST = ["dataset=tiny", "cleanse.seeds=[0,1]", "train.pretrain.steps=40", "train.finetune.steps=40"]
+# one torch thread per retrain (not all cores): the retrains are small, and a second thread only adds OpenMP barriers
+FAST = [
+    "dataset=tiny",
+    "cleanse.seeds=[0,1]",
+    "train.pretrain.steps=40",
+    "train.finetune.steps=40",
+    "cleanse.threads=1",
+]
 
 
 def test_harmful_rows_are_the_largest_positive_scores_and_no_others():
@@ -36,15 +43,16 @@ def test_random_removal_is_seeded_reproducible_and_differs_between_seeds():
 
 
 @pytest.mark.parametrize("start", ["scratch", "warm"])
-def test_the_retrain_sees_every_kept_example_and_never_a_removed_one(env, start):
+def test_the_retrain_sees_every_kept_example_and_never_a_removed_one(env, prebuilt, start):
+    prebuilt("influence", FAST, upto="finetune", config="cleanse")
     cfg = compose_cfg("cleanse", FAST)
-    s = setup(cfg)
-    pre, _ = ensure_finetuned(cfg, s.tasks)
-    m = len(s.tasks.pretrain.train)
+    s = Context(cfg)
+    pre, _ = finetuned(cfg, s)
+    m = len(s.tasks(cfg).pretrain.train)
     removed = np.array([0, 5, 17, m - 1])
     seen: list = []
     retrain_without(
-        cfg, s.tasks, removed, 0, s.device, s.dtype, start=start, pretrained=pre.net, warm_steps=40, record=seen
+        cfg, s.tasks(cfg), removed, 0, s.device, s.dtype, start=start, pretrained=pre.net, warm_steps=40, record=seen
     )
     rows = set(torch.cat(seen).tolist())
     assert rows == set(range(m)) - set(removed.tolist())
@@ -52,9 +60,9 @@ def test_the_retrain_sees_every_kept_example_and_never_a_removed_one(env, start)
 
 def test_no_removal_from_scratch_reproduces_the_pretrain_and_finetune_stages(env):
     cfg = compose_cfg("cleanse", FAST + ["seed=1"])
-    s = setup(cfg)
-    _, fin = ensure_finetuned(cfg, s.tasks)
-    again = retrain_without(cfg, s.tasks, np.zeros(0, dtype=np.int64), 1, s.device, s.dtype)
+    s = Context(cfg)
+    _, fin = finetuned(cfg, s)
+    again = retrain_without(cfg, s.tasks(cfg), np.zeros(0, dtype=np.int64), 1, s.device, s.dtype)
     assert again["test_accuracy"] == fin.metrics["test"]["accuracy"]
     assert again["test_loss"] == pytest.approx(fin.metrics["test"]["loss"], rel=1e-6)
 
@@ -76,7 +84,8 @@ def test_compare_conditions_pairs_by_seed():
     assert out["paired"]["harmful - random"]["test_loss"]["mean"] == pytest.approx(-0.175)
 
 
-def test_cleanse_end_to_end_writes_its_tables_and_resumes(env):
+def test_cleanse_end_to_end_writes_its_tables_and_resumes(env, prebuilt):
+    prebuilt("influence", FAST, config="cleanse")
     cfg = compose_cfg("cleanse", FAST)
     result = cleanse(cfg)
     frame = result.table
@@ -85,9 +94,15 @@ def test_cleanse_end_to_end_writes_its_tables_and_resumes(env):
     ]
     removed = pd.read_csv(result.path / "removed.csv")
     scores = pd.read_parquet(result.path.parent / "scores.parquet")
-    expected = harmful_rows(scores, 0.1, len(scores)).rows
-    assert removed[removed["condition"] == "harmful"]["index"].tolist() == expected.tolist()
+    # the expected removal straight from the table: positive scores, largest first (ties by index), 10% of m
+    index, score = scores["index"].to_numpy(), scores["score"].to_numpy()
+    order = np.lexsort((index, -score))
+    expected = index[order][score[order] > 0][: round(0.1 * len(scores))]
+    harmful = removed[removed["condition"] == "harmful"]
+    assert harmful["index"].tolist() == expected.tolist()
     assert len(expected) == round(0.1 * len(scores))
+    by_index = scores.set_index("index")["score"]
+    assert by_index[expected].min() > 0 and by_index[expected].min() >= by_index.drop(expected).max()
     for seed in (0, 1):
         drawn = removed[(removed["condition"] == "random") & (removed["seed"] == seed)]["index"].to_numpy()
         assert np.array_equal(drawn, random_rows(len(scores), len(expected), 0, seed))
@@ -117,7 +132,8 @@ def test_bad_cleanse_settings_are_refused_before_any_work(env, override, needle)
         cleanse(compose_cfg("cleanse", FAST + [override]))
 
 
-def test_a_truncated_cleanse_table_is_kept_and_refused(env):
+def test_a_truncated_cleanse_table_is_kept_and_refused(env, prebuilt):
+    prebuilt("influence", FAST, config="cleanse")
     cfg = compose_cfg("cleanse", FAST[:1] + ["cleanse.seeds=[0]"] + FAST[2:])
     result = cleanse(cfg)
     csv = result.path / "cleanse.csv"
@@ -128,20 +144,22 @@ def test_a_truncated_cleanse_table_is_kept_and_refused(env):
     assert csv.read_text() == before
 
 
-def test_msif_cleanse_command(env):
-    res = run_msif(["cleanse", *FAST], env)
+def test_msif_cleanse_command(env, prebuilt):
+    prebuilt("influence", FAST, config="cleanse")
+    res = msif(["cleanse", *FAST])
     ok(res)
     assert "paired differences" in res.stdout
-    refused(run_msif(["cleanse", "dataset=tiny", "cleanse.fraction=0"], env), "cleanse.fraction")
+    refused(msif(["cleanse", "dataset=tiny", "cleanse.fraction=0"]), "cleanse.fraction")
 
 
-def test_retrains_spread_over_worker_processes_give_the_same_table(env):
+def test_retrains_spread_over_worker_processes_give_the_same_table(env, prebuilt):
     """cleanse.workers=2 runs the retrains in two spawned processes; with the same threads per retrain the table is
     the one a single process makes (only the seconds differ)."""
     import shutil
 
-    one = cleanse(compose_cfg("cleanse", FAST + ["cleanse.threads=1"]))
+    prebuilt("influence", FAST, config="cleanse")
+    one = cleanse(compose_cfg("cleanse", FAST))  # FAST: cleanse.threads=1, in both runs
     shutil.rmtree(one.path)  # the worker count is not part of the run's signature: the same folder is remade
-    two = cleanse(compose_cfg("cleanse", FAST + ["cleanse.threads=1", "cleanse.workers=2"]))
+    two = cleanse(compose_cfg("cleanse", FAST + ["cleanse.workers=2"]))
     assert two.path == one.path
     pd.testing.assert_frame_equal(two.table.drop(columns="seconds"), one.table.drop(columns="seconds"))

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from msif.cli import CONF_DIR, STAGES
+from msif.cli import STAGES
+from msif.config import CONF_DIR
 from msif.models import build_finetune_net, build_pretrain_net, parameter_groups
-from tests.conftest import compose_cfg
+from tests.helpers.configs import compose_cfg
 
 CONF = Path(CONF_DIR)
 ALL_YAML = sorted(CONF.rglob("*.yaml"))
@@ -42,8 +43,10 @@ def test_every_stage_dataset_case_profile_composes_and_resolves(stage, dataset, 
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert plain["dataset"]["name"] == dataset
     assert plain["case"]["name"] == case
-    assert plain["train"]["pretrain"]["steps"] == plain["train"]["steps"][profile]["pretrain"]
-    assert plain["train"]["finetune"]["steps"] == plain["train"]["steps"][profile]["finetune"][case]
+    steps = plain["profile"]["train"][plain["train"]["name"]]
+    assert plain["profile"]["name"] == profile
+    assert plain["train"]["pretrain"]["steps"] == steps["pretrain"]
+    assert plain["train"]["finetune"]["steps"] == steps["finetune"][case]
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))

@@ -7,7 +7,7 @@ import torch
 
 from msif.data import build_tasks, load_source
 from msif.errors import MsifError
-from tests.conftest import SHARED_DATA, compose_cfg
+from tests.helpers.configs import SHARED_DATA, compose_cfg
 
 
 def tasks_for(dataset: str, *overrides: str):

@@ -1,4 +1,7 @@
-"""`torchrun --nproc-per-node 2 -m msif influence`: two CPU processes (gloo) give the single-process table."""
+"""`torchrun --nproc-per-node 2 -m msif influence`: two CPU processes (gloo) give the single-process table.
+
+The torchrun launch is a real subprocess (that is what is tested); the single-process reference runs in this process
+with one torch thread, the threads each torchrun worker gets (OMP_NUM_THREADS=1)."""
 
 from __future__ import annotations
 
@@ -11,17 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import run_msif
-from tests.test_cli import ok, refused
+from tests.helpers.cli import msif, msif_subprocess, ok, refused
 
 TIGHT = [f"solver.{h}.{k}={v}" for h in ("pretrain", "finetune") for k, v in (("tol", 1e-11), ("iterations", 300))]
 
 
 def torchrun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "msif"]
-    return subprocess.run(
-        [*cmd, *args], env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
-    )
+    return msif_subprocess(args, env | {"OMP_NUM_THREADS": "1"}, command=cmd)
 
 
 def table(root: Path) -> tuple[pd.DataFrame, dict]:
@@ -45,7 +45,7 @@ def table(root: Path) -> tuple[pd.DataFrame, dict]:
 def test_two_processes_give_the_single_process_scores(args, env, tmp_path):
     sharded = ok(torchrun(["influence", *args], env | {"MSIF_OUTPUTS": str(tmp_path / "two")}))
     # the same threads per process, so that only the sharding differs between the two runs
-    ok(run_msif(["influence", *args], env | {"MSIF_OUTPUTS": str(tmp_path / "one"), "OMP_NUM_THREADS": "1"}))
+    ok(msif(["influence", *args], {"MSIF_OUTPUTS": str(tmp_path / "one")}, threads=1))
     two, summary = table(tmp_path / "two")
     one, _ = table(tmp_path / "one")
     assert summary["processes"] == 2
@@ -57,4 +57,4 @@ def test_two_processes_give_the_single_process_scores(args, env, tmp_path):
 
 
 def test_stages_that_do_not_shard_refuse_to_run_under_torchrun(env):
-    refused(run_msif(["validate-loo", "dataset=tiny"], env | {"WORLD_SIZE": "2"}), "torchrun", "loo.workers")
+    refused(msif(["validate-loo", "dataset=tiny"], {"WORLD_SIZE": "2"}), "torchrun", "loo.workers")

@@ -1,4 +1,4 @@
-"""The influence mathematics checked against independent computations (docs/MATH.md).
+"""The influence mathematics checked against independent computations (MATH.md).
 
 * Exactness: msif's scores on a tiny float64 network equal a computation written here with explicit Hessians
   (torch.func.hessian + torch.linalg.solve on a hand-written forward pass), for both finetune cases.
@@ -18,6 +18,7 @@ from torch.func import hessian, jacrev
 
 from msif.influence import MultiStageInfluence, default_solver
 from msif.models import TwoStageNet
+from tests.helpers.numerics import minimize
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -68,33 +69,6 @@ def nets_from(w, u, theta) -> tuple[TwoStageNet, TwoStageNet]:
 
     pre = TwoStageNet(nn.Sequential(linear(w, DE, DX), nn.Tanh()), linear(u, K_PRE, DE))
     return pre, TwoStageNet(nn.Sequential(linear(w, DE, DX), nn.Tanh()), linear(theta, K_FIN, DE))
-
-
-def minimize(objective, x0: torch.Tensor) -> torch.Tensor:
-    """L-BFGS, then Newton steps with the explicit Hessian: stationary to machine precision (float64)."""
-    x = x0.clone().requires_grad_()
-    opt = torch.optim.LBFGS(
-        [x],
-        lr=1,
-        max_iter=500,
-        tolerance_grad=1e-12,
-        tolerance_change=1e-16,
-        history_size=50,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure():
-        opt.zero_grad()
-        loss = objective(x)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    x = x.detach()
-    for _ in range(4):
-        g = torch.func.grad(objective)(x)
-        x = x - torch.linalg.solve(hessian(objective)(x), g)
-    return x
 
 
 def ce(w, head, x, y):

@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import grad, hessian
 
 from msif.influence import SingleStageInfluence
-from tests.test_influence_math import minimize
+from tests.helpers.numerics import minimize
 
 MU = 0.05
 D, C = 5, 3
@@ -85,23 +85,22 @@ def test_per_test_scores_sum_to_the_summed_target_and_cg_normal_agrees_with_exac
 
 
 def test_msif_influence_mode_single_stage_scores_the_pretrained_network_on_its_own_test_set(env):
-    from msif.stages.common import setup
-
     from msif.stages import influence
-    from msif.stages.pretrain import ensure_pretrained
-    from tests.conftest import compose_cfg
+    from msif.lifecycle import Context
+    from msif.stages.pretrain import pretrained
+    from tests.helpers.configs import compose_cfg
 
     overrides = ["dataset=tiny", "dtype=float64", "solver=exact", "mode=single_stage"]
     result = influence(compose_cfg("influence", overrides))
     assert result.path.name.startswith("influence-single-") and result.path.parent.name.startswith("pretrain-")
     assert result.summary["mode"] == "single_stage" and result.summary["finetune_run"] is None
     cfg = compose_cfg("influence", overrides)
-    s = setup(cfg)
-    pre = ensure_pretrained(cfg, s.tasks)
-    test = s.tasks.pretrain.test
+    s = Context(cfg)
+    pre = pretrained(cfg, s)
+    test = s.tasks(cfg).pretrain.test
     assert result.summary["target"]["size"] == len(test)
     direct = SingleStageInfluence(
-        pre.net, s.tasks.pretrain.train, solver={"method": "exact", "damping": 1e-3}, hessian_sample=None
+        pre.net, s.tasks(cfg).pretrain.train, solver={"method": "exact", "damping": 1e-3}, hessian_sample=None
     ).influence(test.x, test.y)
     assert torch.allclose(torch.tensor(result.scores["score"].to_numpy()), direct, rtol=1e-10, atol=1e-12)
     multi = influence(compose_cfg("influence", overrides[:-1]))
@@ -112,7 +111,7 @@ def test_msif_influence_mode_single_stage_scores_the_pretrained_network_on_its_o
 def test_multi_stage_only_stages_refuse_single_stage_mode(env, stage):
     from msif.errors import MsifError
     from msif.stages import cleanse, validate_loo
-    from tests.conftest import compose_cfg
+    from tests.helpers.configs import compose_cfg
 
     fn = validate_loo if stage == "validate-loo" else cleanse
     with pytest.raises(MsifError, match="mode=single_stage"):

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import tarfile
 
 import pytest
 import torch
 import torch.nn.functional as F
-from msif.stages.common import setup
 
 from msif.influence import MultiStageInfluence, default_solver
-from msif.stages.finetune import ensure_finetuned
-from tests.conftest import SHARED_DATA, compose_cfg, run_msif
+from msif.lifecycle import Context
+from msif.stages.finetune import finetuned
+from tests.helpers.cli import msif
+from tests.helpers.configs import SHARED_DATA, compose_cfg
 
 pytestmark = pytest.mark.slow
 
@@ -50,14 +50,14 @@ def real_data(shared_copy, monkeypatch, env):
 @pytest.mark.parametrize("case", ["fixed", "updated"])
 def test_influence_on_the_paper_networks_matches_a_per_example_gradient_loop(dataset, case, real_data):
     cfg = compose_cfg("influence", [f"dataset={dataset}", f"case={case}", *SHORT])
-    env = setup(cfg)
-    pre, fin = ensure_finetuned(cfg, env.tasks)
-    pre_set, test = env.tasks.pretrain.train, env.tasks.finetune.test
+    env = Context(cfg)
+    pre, fin = finetuned(cfg, env)
+    pre_set, test = env.tasks(cfg).pretrain.train, env.tasks(cfg).finetune.test
     msi = MultiStageInfluence(
         pre.net,
         fin.net,
         pre_set,
-        env.tasks.finetune.train,
+        env.tasks(cfg).finetune.train,
         case=case,
         alpha=0.01,
         solver=default_solver("cg_normal", 1e-2, 1e-4, iterations=10, max_residual=10.0),
@@ -89,18 +89,16 @@ def test_influence_on_the_paper_networks_matches_a_per_example_gradient_loop(dat
 
 
 def test_the_cli_runs_influence_on_mnist_from_the_shared_copy(real_data, env, tmp_path):
-    env = dict(env, MSIF_DATA=str(real_data), MSIF_CACHE=os.environ["MSIF_CACHE"])
-    proc = run_msif(
+    proc = msif(
         [
             "influence",
             "dataset=mnist",
             *SHORT,
             "hessian.pretrain_sample=100",
-            "budget.cpu.cg_iterations=5",
+            "profile.budget.cg_iterations=5",
             "solver.pretrain.max_residual=10",
             "solver.finetune.max_residual=10",
-        ],
-        env,
+        ]
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "m=24,754 pretraining examples" in proc.stdout

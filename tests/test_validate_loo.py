@@ -11,8 +11,8 @@ import torch
 from msif.errors import MsifError
 from msif.loo import correlation
 from msif.stages import validate_loo
-from tests.conftest import compose_cfg, run_msif
-from tests.test_cli import ok, refused
+from tests.helpers.cli import msif, ok, refused
+from tests.helpers.configs import compose_cfg
 
 FAST = ["dataset=tiny", "loo.k=4", "loo.pretrain_steps=5", "loo.finetune_steps=5", "loo.bootstrap=50"]
 
@@ -38,6 +38,7 @@ CONVEX = [
     "loo.finetune_steps=1500",
     "loo.k=12",
     "loo.bootstrap=200",
+    "loo.threads=1",  # 40,000 small full-batch steps: a second thread only adds OpenMP barriers (see conftest.py)
 ]
 
 
@@ -50,16 +51,16 @@ def test_on_a_problem_solved_to_optimality_predicted_and_actual_effects_agree(en
     assert (frame["actual_effect"].abs() > 0).all()
 
 
-def test_the_with_and_without_retrains_see_identical_batches_apart_from_z(env):
-    from msif.stages.common import setup
-
+def test_the_with_and_without_retrains_see_identical_batches_apart_from_z(env, prebuilt):
     from msif.loo import Retrainer
-    from msif.stages.finetune import ensure_finetuned
+    from msif.lifecycle import Context
+    from msif.stages.finetune import finetuned
 
+    prebuilt("influence", FAST, upto="finetune", config="validate-loo")
     cfg = compose_cfg("validate-loo", FAST)
-    s = setup(cfg)
-    pre, fin = ensure_finetuned(cfg, s.tasks)
-    retrainer = Retrainer(cfg, s.tasks, pre, fin, s.device, torch.arange(len(s.tasks.finetune.test)))
+    s = Context(cfg)
+    pre, fin = finetuned(cfg, s)
+    retrainer = Retrainer(cfg, s.tasks(cfg), pre, fin, s.device, torch.arange(len(s.tasks(cfg).finetune.test)))
     with_z, without_z = [], []
     retrainer.test_loss(None, record=with_z)
     z = int(with_z[0][0])
@@ -70,31 +71,35 @@ def test_the_with_and_without_retrains_see_identical_batches_apart_from_z(env):
         assert a[a != z].tolist() == b.tolist()
 
 
-def test_an_interrupted_run_resumes_and_ends_with_the_same_table(env, tmp_path):
+def test_an_interrupted_run_resumes_and_ends_with_the_same_table(env, tmp_path, prebuilt):
+    prebuilt("influence", FAST, config="validate-loo")
     validate_loo(compose_cfg("validate-loo", FAST))
     csv = next((tmp_path / "outputs").rglob("loo.csv"))
     full = pd.read_csv(csv)
     lines = csv.read_text().splitlines(keepends=True)
     csv.write_text("".join(lines[:3]))  # header + two finished retrains, as if killed after the second
     (csv.parent / "loo_summary.json").unlink()
-    proc = ok(run_msif(["validate-loo", *FAST], env))
+    proc = ok(msif(["validate-loo", *FAST]))
     assert "2 already done" in proc.stdout and "2 to go" in proc.stdout
     resumed = pd.read_csv(csv)
     drop = ["seconds"]  # wall time differs between runs; every number computed is identical
     pd.testing.assert_frame_equal(resumed.drop(columns=drop), full.drop(columns=drop), check_exact=True)
 
 
-def test_results_do_not_depend_on_the_number_of_workers(env, tmp_path):
+def test_results_do_not_depend_on_the_number_of_workers(env, tmp_path, prebuilt):
+    prebuilt("influence", FAST, config="validate-loo")
+    # the same upstream runs in both output roots; the retrains are made afresh in each
+    prebuilt("influence", FAST, into=tmp_path / "two", config="validate-loo")
     validate_loo(compose_cfg("validate-loo", [*FAST, "loo.threads=1"]))
     one = pd.read_csv(next((tmp_path / "outputs").rglob("loo.csv")))
-    env2 = dict(env, MSIF_OUTPUTS=str(tmp_path / "two"))
-    ok(run_msif(["validate-loo", *FAST, "loo.threads=1", "loo.workers=2"], env2))
+    ok(msif(["validate-loo", *FAST, "loo.threads=1", "loo.workers=2"], {"MSIF_OUTPUTS": str(tmp_path / "two")}))
     two = pd.read_csv(next((tmp_path / "two").rglob("loo.csv")))
     pd.testing.assert_frame_equal(two.drop(columns="seconds"), one.drop(columns="seconds"), check_exact=True)
 
 
-def test_outputs_and_the_identity_ablation(env, tmp_path):
-    proc = ok(run_msif(["validate-loo", *FAST, "loo.compare=identity"], env))
+def test_outputs_and_the_identity_ablation(env, tmp_path, prebuilt):
+    prebuilt("influence", FAST, config="validate-loo")
+    proc = ok(msif(["validate-loo", *FAST, "loo.compare=identity"]))
     assert "Pearson r" in proc.stdout and "identity" in proc.stdout
     folder = next((tmp_path / "outputs").rglob("loo.csv")).parent
     frame = pd.read_csv(folder / "loo.csv")
@@ -114,7 +119,7 @@ def test_outputs_and_the_identity_ablation(env, tmp_path):
     assert set(summary["correlation"]) == {"msif", "identity"}
     assert len(summary["correlation"]["msif"]["pearson_r_ci95"]) == 2
     assert (folder / "loo.png").stat().st_size > 5000 and (folder / "reference.json").exists()
-    again = ok(run_msif(["validate-loo", *FAST, "loo.compare=identity"], env))
+    again = ok(msif(["validate-loo", *FAST, "loo.compare=identity"]))
     assert "4 already done" in again.stdout and "0 to go" in again.stdout
 
 
@@ -146,17 +151,19 @@ def test_correlation_matches_numpy_and_has_an_interval():
 @pytest.mark.parametrize(
     "args, needles",
     [
-        (["loo.k=100000"], ["loo.k=100000", "more leave-one-out retrains than there are pretraining examples"]),
+        (["loo.k=100000"], ["loo.k=100000", "between 1 and the 180 pretraining examples"]),
         (["loo.indices=[1,2,99999]"], ["99999", "not rows of the pretraining set"]),
         (["loo.compare=nope"], ["loo.compare=nope is not a solver"]),
         (["target.per_test=true"], ["one summed target"]),
     ],
 )
-def test_bad_loo_input_is_refused_clearly(args, needles, env):
-    refused(run_msif(["validate-loo", *FAST, *args], env), *needles)
+def test_bad_loo_input_is_refused_clearly(args, needles, env, prebuilt):
+    prebuilt("influence", FAST, config="validate-loo")
+    refused(msif(["validate-loo", *FAST, *args]), *needles)
 
 
-def test_a_corrupt_partial_csv_is_refused_and_kept(env, tmp_path):
+def test_a_corrupt_partial_csv_is_refused_and_kept(env, tmp_path, prebuilt):
+    prebuilt("influence", FAST, config="validate-loo")
     validate_loo(compose_cfg("validate-loo", FAST))
     csv = next((tmp_path / "outputs").rglob("loo.csv"))
     broken = csv.read_text()[:-7]  # cut inside the last row
@@ -164,26 +171,27 @@ def test_a_corrupt_partial_csv_is_refused_and_kept(env, tmp_path):
     with pytest.raises(MsifError, match="middle of a line"):
         validate_loo(compose_cfg("validate-loo", FAST))
     csv.write_text(broken + "\nnot,a,row\n")
-    refused(run_msif(["validate-loo", *FAST], env), "loo.csv", "kept as it is")
+    refused(msif(["validate-loo", *FAST]), "loo.csv", "kept as it is")
     assert csv.read_text() == broken + "\nnot,a,row\n"
 
 
-def test_retrains_start_from_the_trained_model_moved_by_the_pretraining_change(env):
+def test_retrains_start_from_the_trained_model_moved_by_the_pretraining_change(env, prebuilt):
     """With no retraining steps the retrain is the finetuned model itself (shifted start), in both cases."""
-    from msif.stages.common import setup
-
+    prebuilt("influence", FAST, upto="finetune", config="validate-loo")
+    prebuilt("finetune", [*FAST, "case=updated"], config="validate-loo")
     from msif.loo import Retrainer
-    from msif.stages.finetune import ensure_finetuned
+    from msif.lifecycle import Context
+    from msif.stages.finetune import finetuned
 
     for case in ("fixed", "updated"):
         cfg = compose_cfg("validate-loo", [*FAST, f"case={case}", "loo.pretrain_steps=0", "loo.finetune_steps=0"])
-        s = setup(cfg)
-        pre, fin = ensure_finetuned(cfg, s.tasks)
-        retrainer = Retrainer(cfg, s.tasks, pre, fin, s.device, torch.arange(len(s.tasks.finetune.test)))
+        s = Context(cfg)
+        pre, fin = finetuned(cfg, s)
+        retrainer = Retrainer(cfg, s.tasks(cfg), pre, fin, s.device, torch.arange(len(s.tasks(cfg).finetune.test)))
         assert retrainer.test_loss(None) == retrainer.original_test_loss()
     cfg = compose_cfg(
         "validate-loo",
         [*FAST, "case=updated", "loo.pretrain_steps=0", "loo.finetune_steps=0", "loo.finetune_start=pretrained"],
     )
-    retrainer = Retrainer(cfg, s.tasks, pre, fin, s.device, torch.arange(len(s.tasks.finetune.test)))
+    retrainer = Retrainer(cfg, s.tasks(cfg), pre, fin, s.device, torch.arange(len(s.tasks(cfg).finetune.test)))
     assert retrainer.test_loss(None) != retrainer.original_test_loss()  # W* instead of the finetuned W**
