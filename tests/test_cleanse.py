@@ -9,8 +9,8 @@ import torch
 
 from msif.cleanse import compare_conditions, harmful_rows, kept_rows, random_rows, retrain_without
 from msif.errors import MsifError
-from msif.stages import cleanse
 from msif.lifecycle import Context
+from msif.stages import cleanse
 from msif.stages.finetune import finetuned
 from tests.helpers.cli import msif, ok, refused
 from tests.helpers.configs import compose_cfg

@@ -85,8 +85,8 @@ def test_per_test_scores_sum_to_the_summed_target_and_cg_normal_agrees_with_exac
 
 
 def test_msif_influence_mode_single_stage_scores_the_pretrained_network_on_its_own_test_set(env):
-    from msif.stages import influence
     from msif.lifecycle import Context
+    from msif.stages import influence
     from msif.stages.pretrain import pretrained
     from tests.helpers.configs import compose_cfg
 

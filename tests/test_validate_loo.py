@@ -52,8 +52,8 @@ def test_on_a_problem_solved_to_optimality_predicted_and_actual_effects_agree(en
 
 
 def test_the_with_and_without_retrains_see_identical_batches_apart_from_z(env, prebuilt):
-    from msif.loo import Retrainer
     from msif.lifecycle import Context
+    from msif.loo import Retrainer
     from msif.stages.finetune import finetuned
 
     prebuilt("influence", FAST, upto="finetune", config="validate-loo")
@@ -179,8 +179,8 @@ def test_retrains_start_from_the_trained_model_moved_by_the_pretraining_change(e
     """With no retraining steps the retrain is the finetuned model itself (shifted start), in both cases."""
     prebuilt("influence", FAST, upto="finetune", config="validate-loo")
     prebuilt("finetune", [*FAST, "case=updated"], config="validate-loo")
-    from msif.loo import Retrainer
     from msif.lifecycle import Context
+    from msif.loo import Retrainer
     from msif.stages.finetune import finetuned
 
     for case in ("fixed", "updated"):
