@@ -16,12 +16,11 @@ import torch
 from omegaconf import DictConfig
 
 from msif.config import finetune_settings
-from msif.console import console, say
+from msif.console import say
 from msif.lifecycle import Context, Stage, need, run
 from msif.models import build_finetune_net, count_parameters
-from msif.runs import RunFolder, Trained, load_checkpoint, load_state, read_json, save_run, state_of
-from msif.stages.pretrain import pretrained, shape_from, shape_info
-from msif.summaries import trained_table
+from msif.runs import RunFolder, Trained
+from msif.stages.pretrain import load_trained, pretrained, save_trained
 from msif.training import evaluate, finetune_from, squared_distance
 
 
@@ -70,19 +69,14 @@ class Finetune(Stage):
         net = net.cpu()
         for p in net.parameters():
             p.requires_grad_(True)
-        save_run(folder, state_of(net), metrics, shape_info(tasks, "finetune"))
-        console.print(trained_table(f"finetune ({cfg.case.name})", metrics))
-        say(f"saved {folder.checkpoint}")
-        return Trained(folder, net, metrics, folder.checkpoint)
+        return save_trained(folder, net, metrics, tasks, "finetune", f"finetune ({cfg.case.name})")
 
     def load(self, cfg: DictConfig, ctx: Context, pre: Trained, folder: RunFolder, path: Path | None = None) -> Trained:
-        path = path or folder.checkpoint
-        ckpt = load_checkpoint(path, folder)
-        input_shape, num_classes = shape_from(ckpt, ctx, cfg, "finetune")
-        embedding = copy.deepcopy(pre.net.embedding)
-        net = build_finetune_net(cfg.model, embedding, input_shape, num_classes, cfg.seed, ctx.dtype)
-        load_state(net, ckpt["state"], path)
-        return Trained(folder, net, read_json(path.parent / "metrics.json"), path)
+        def build(input_shape, num_classes):
+            embedding = copy.deepcopy(pre.net.embedding)
+            return build_finetune_net(cfg.model, embedding, input_shape, num_classes, cfg.seed, ctx.dtype)
+
+        return load_trained(cfg, ctx, folder, path, "finetune", build)
 
 
 FINETUNE = Finetune()

@@ -47,19 +47,31 @@ class Pretrain(Stage):
             "device": str(ctx.device),
             "seconds": time.perf_counter() - start,
         }
-        net = net.cpu()
-        save_run(folder, state_of(net), metrics, shape_info(tasks, "pretrain"))
-        console.print(trained_table("pretrain", metrics))
-        say(f"saved {folder.checkpoint}")
-        return Trained(folder, net, metrics, folder.checkpoint)
+        return save_trained(folder, net.cpu(), metrics, tasks, "pretrain", "pretrain")
 
     def load(self, cfg: DictConfig, ctx: Context, up: None, folder: RunFolder, path: Path | None = None) -> Trained:
-        path = path or folder.checkpoint
-        ckpt = load_checkpoint(path, folder)
-        input_shape, num_classes = shape_from(ckpt, ctx, cfg, "pretrain")
-        net = build_pretrain_net(cfg.model, input_shape, num_classes, cfg.seed, ctx.dtype)
-        load_state(net, ckpt["state"], path)
-        return Trained(folder, net, read_json(path.parent / "metrics.json"), path)
+        def build(input_shape, num_classes):
+            return build_pretrain_net(cfg.model, input_shape, num_classes, cfg.seed, ctx.dtype)
+
+        return load_trained(cfg, ctx, folder, path, "pretrain", build)
+
+
+def save_trained(folder: RunFolder, net, metrics: dict, tasks, stage: str, title: str) -> Trained:
+    """Write the trained network's run (checkpoint last), show its summary table, and return it."""
+    save_run(folder, state_of(net), metrics, shape_info(tasks, stage))
+    console.print(trained_table(title, metrics))
+    say(f"saved {folder.checkpoint}")
+    return Trained(folder, net, metrics, folder.checkpoint)
+
+
+def load_trained(cfg: DictConfig, ctx: Context, folder: RunFolder, path: Path | None, stage: str, build) -> Trained:
+    """The network in the checkpoint at `path` (default: the folder's), checked against the folder's settings and
+    rebuilt by `build(input_shape, num_classes)`."""
+    path = path or folder.checkpoint
+    ckpt = load_checkpoint(path, folder)
+    net = build(*shape_from(ckpt, ctx, cfg, stage))
+    load_state(net, ckpt["state"], path)
+    return Trained(folder, net, read_json(path.parent / "metrics.json"), path)
 
 
 def shape_info(tasks, stage: str) -> dict[str, Any]:
