@@ -1,38 +1,52 @@
 """The saved parts of an unfinished influence run (its `partial/` folder): solved target blocks and score parts, each
-written as it is finished, so that a rerun resumes instead of starting over. Under torchrun process 0 writes them."""
+written as it is finished, so that a rerun resumes instead of starting over. Under torchrun process 0 writes them.
+
+Every part records what it holds: a target block its test rows, a score part its pretraining rows and a fingerprint
+of the solved vectors it was scored against. A part is reused only when that matches what the rerun needs (another
+`target.chunk` or `score.part_rows`, other targets, a truncated or unreadable file: it is computed again), so a
+resumed table is always the table an uninterrupted run makes.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
 
 from msif import distributed
+from msif.console import say
 from msif.influence.solvers import SolveReport
 from msif.io import atomic_torch_save
 
 
-def solve_targets(msi, x_T: torch.Tensor, y_T: torch.Tensor, per_test: bool, chunk: int, partial: Path) -> torch.Tensor:
-    """The solved vectors s (K, p) for the targets, in blocks of `chunk` test points (per-test) or one (summed).
-    Each block is saved in `partial/` with its timings and solver reports as it is solved."""
+def solve_targets(
+    msi, x_T: torch.Tensor, y_T: torch.Tensor, rows: torch.Tensor, per_test: bool, chunk: int, partial: Path
+) -> torch.Tensor:
+    """The solved vectors s (K, p) for the targets (test rows `rows`), in blocks of `chunk` test points (per-test)
+    or one (summed). Each block is saved in `partial/` with its rows, timings and solver reports as it is solved."""
     chunk = chunk if per_test else len(y_T)
-    blocks = []
-    for j, i in enumerate(range(0, len(y_T), chunk)):
-        file = partial / f"targets-{j:05d}.pt"
-        if distributed.broadcast_from_main(file.exists()):  # every process takes the same branch
-            saved = torch.load(file, map_location="cpu", weights_only=True)
+    blocks, reused = [], 0
+    for i in range(0, len(y_T), chunk):
+        block_rows = rows[i : i + chunk].clone()
+        file = partial / f"targets-{i:06d}-{len(block_rows):05d}.pt"
+        saved = _saved(file, {"rows": block_rows}, ("S", (len(block_rows) if per_test else 1,)))
+        if saved is not None:
             for step, sec in saved["seconds"].items():
                 msi.trace.seconds[step] = msi.trace.seconds.get(step, 0.0) + sec
             msi.trace.solves.extend(SolveReport(**r) for r in saved["solves"])
             blocks.append(saved["S"].to(msi.device))
+            reused += 1
             continue
         before, solves0 = dict(msi.trace.seconds), len(msi.trace.solves)
         S = msi.target_vectors(x_T[i : i + chunk], y_T[i : i + chunk], per_test=per_test)
         seconds = {k: v - before.get(k, 0.0) for k, v in msi.trace.seconds.items()}
         solves = [dict(r.__dict__) for r in msi.trace.solves[solves0:]]
         if distributed.is_main():
-            atomic_torch_save({"S": S.detach().cpu(), "seconds": seconds, "solves": solves}, file)
+            atomic_torch_save({"S": S.detach().cpu(), "rows": block_rows, "seconds": seconds, "solves": solves}, file)
         blocks.append(S)
+    if reused:
+        say(f"influence: reused {reused} solved target block(s) from {partial} (an earlier run of these settings)")
     return torch.cat(blocks)
 
 
@@ -41,17 +55,64 @@ def score_in_parts(msi, S: torch.Tensor, rows: torch.Tensor, part_rows: int, par
     when done (a rerun skips the finished parts), so an interruption loses at most one part of work. Under torchrun
     process r scores parts r, r + N, ...; process 0 gathers them and returns the whole (the others return None)."""
     starts = list(range(0, len(rows), part_rows))
-    mine = {}
+    targets = fingerprint(S)
+    mine, reused = {}, 0
     for j in distributed.shard(list(range(len(starts)))):
-        i, file = starts[j], partial / f"scores-{j:05d}.pt"
-        if file.exists():
-            mine[j] = torch.load(file, map_location="cpu", weights_only=True)["scores"]
+        i = starts[j]
+        part = rows[i : i + part_rows].clone()
+        file = partial / f"scores-{i:08d}-{len(part):06d}.pt"
+        expect = {"rows": part, "targets": targets}
+        saved = _saved(file, expect, ("scores", (len(part), len(S))), shared=False)
+        if saved is not None:
+            mine[j] = saved["scores"]
+            reused += 1
             continue
-        part = msi.score(S, rows[i : i + part_rows])
-        atomic_torch_save({"scores": part, "rows": rows[i : i + part_rows].clone()}, file)
-        mine[j] = part
+        scores = msi.score(S, part)
+        atomic_torch_save({"scores": scores, "rows": part, "targets": targets}, file)
+        mine[j] = scores
+    if reused:
+        say(f"influence: reused {reused} finished score part(s) from {partial}")
     gathered = distributed.gather_to_main(mine)
     if gathered is None:
         return None
     parts = {j: t for d in gathered for j, t in d.items()}
     return torch.cat([parts[j] for j in range(len(starts))])
+
+
+def fingerprint(S: torch.Tensor) -> str:
+    """A hash of the solved vectors, so a score part is only reused against the very targets it was scored for."""
+    data = S.detach().cpu().contiguous()
+    return hashlib.sha256(data.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:32]
+
+
+def _saved(file: Path, expect: dict, shape: tuple[str, tuple[int, ...]], shared: bool = True) -> dict | None:
+    """The part in `file` when it exists, loads (weights_only), holds `expect` and its tensor `shape[0]` starts with
+    the dimensions `shape[1]`; else None. `shared`: every process reads this file (process 0 decides for all)."""
+
+    def check() -> dict | None:
+        if not file.exists():
+            return None
+        try:
+            saved = torch.load(file, map_location="cpu", weights_only=True)
+            key, dims = shape
+            same = all(_equal(saved.get(k), v) for k, v in expect.items())
+            same = same and tuple(saved[key].shape[: len(dims)]) == dims
+        except Exception:  # noqa: BLE001  (an unreadable or malformed part is recomputed, never trusted)
+            saved, same = None, False
+        if not same:
+            say(f"[yellow]note:[/] {file.name} in {file.parent} does not hold what this run needs; recomputing it")
+            return None
+        return saved
+
+    if not shared:
+        return check()
+    use = distributed.broadcast_from_main(check() is not None if distributed.is_main() else None)
+    if not use:
+        return None
+    return torch.load(file, map_location="cpu", weights_only=True) if not distributed.is_main() else check()
+
+
+def _equal(a, b) -> bool:
+    if isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))
+    return a == b

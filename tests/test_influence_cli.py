@@ -192,6 +192,52 @@ def test_an_interrupted_run_resumes_from_its_saved_parts_and_ends_with_the_same_
     assert len(resumed.summary["solves"]) == len(reference.summary["solves"])
 
 
+def test_a_resumed_run_with_other_blocks_or_parts_or_a_damaged_part_still_gives_the_uninterrupted_table(
+    env, tmp_path, monkeypatch, prebuilt
+):
+    """Saved parts record what they hold: a rerun with another target.chunk or score.part_rows, or a truncated part,
+    recomputes what does not fit instead of mislabelling or dropping rows; force=true starts from nothing."""
+    import shutil
+
+    from msif.influence.api import MultiStageInfluence
+
+    prebuilt("finetune", TINY)
+    base = [*TINY, "target.per_test=true", "target.kind=indices", "target.indices=[0,3,5,8,13,21,34]"]
+    original = MultiStageInfluence.score
+    calls = {"n": 0}
+
+    def interrupted(self, S, indices=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, S, indices)
+
+    first = ["target.chunk=2", "score.part_rows=32"]
+    for second in (
+        ["target.chunk=3", "score.part_rows=32"],  # other target blocks
+        ["target.chunk=2", "score.part_rows=50"],  # other score parts
+        ["target.chunk=2", "score.part_rows=32", "truncate"],  # a damaged block and part
+        ["target.chunk=1", "score.part_rows=20", "force=true"],  # force: nothing reused
+    ):
+        settings = [o for o in second if o not in ("truncate", "force=true")]
+        uninterrupted = influence(compose_cfg("influence", [*base, *settings, "force=true"]))
+        table = uninterrupted.scores.copy()
+        partial = uninterrupted.path / "partial"
+        shutil.rmtree(uninterrupted.path)
+        calls["n"] = 0
+        monkeypatch.setattr(MultiStageInfluence, "score", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            influence(compose_cfg("influence", [*base, *first]))
+        assert list(partial.glob("scores-*.pt")) and list(partial.glob("targets-*.pt"))
+        if "truncate" in second:
+            for f in [*partial.glob("scores-*.pt")][:1] + [*partial.glob("targets-*.pt")][:1]:
+                f.write_bytes(f.read_bytes()[:100])
+        monkeypatch.setattr(MultiStageInfluence, "score", original)
+        resumed = influence(compose_cfg("influence", [*base, *[o for o in second if o != "truncate"]]))
+        pd.testing.assert_frame_equal(resumed.scores, table)
+        assert not partial.exists()
+
+
 def test_lowrank_curvature_is_fitted_once_and_reused_by_later_runs(env, tmp_path, prebuilt):
     """solver=lowrank caches the Ritz pairs next to each checkpoint; another target reuses them (no refit), and at
     full rank the table equals the exact solve of the same filter."""

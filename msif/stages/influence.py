@@ -99,12 +99,15 @@ class Influence(Stage):
         )
         msi = build_influence(cfg, up, ctx)
         partial = folder.path / "partial"  # solved vectors and score parts of an unfinished run
+        if cfg.force and distributed.is_main():
+            shutil.rmtree(partial, ignore_errors=True)  # force: nothing of an earlier attempt is reused
+        distributed.barrier()
         partial.mkdir(parents=True, exist_ok=True)
         hessians = ("pretrain",) if single else ("pretrain", "finetune")
         no_solve = all(cfg.solver[h].method in ("lowrank", "identity") for h in hessians)  # nothing to save per block
         chunk = len(targets) if no_solve else int(cfg.target.chunk)
         per_test = bool(cfg.target.per_test)
-        S = solve_targets(msi, test.x[targets], test.y[targets], per_test, chunk, partial)
+        S = solve_targets(msi, test.x[targets], test.y[targets], targets, per_test, chunk, partial)
         scores = score_in_parts(msi, S, score_rows, int(cfg.score.part_rows), partial)  # None off process 0
         if not distributed.is_main():
             distributed.barrier()  # until process 0 has written the table
