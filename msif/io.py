@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -61,9 +62,14 @@ def append_csv_row(csv: Path, columns: list[str], row: dict) -> None:
 
     line = pd.DataFrame([row], columns=columns).to_csv(index=False, header=False)
     with open(csv, "a") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+        size = fh.tell()
+        try:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+        except BaseException:  # a full disk or an interrupt mid-row: leave the table as it was before this row
+            fh.truncate(size)
+            raise
 
 
 KEEP = (
@@ -73,18 +79,27 @@ KEEP = (
 
 
 def read_resumable_csv(csv: Path, columns: list[str]):
-    """A table written by `append_csv_row`, checked to be whole: every line complete, readable, with `columns`.
-    A file that is not is refused (MsifError) and left as it is."""
+    """A table written by `append_csv_row`, checked to be readable and to have `columns`. A last line cut off in the
+    middle (an append interrupted by a crash or a full disk) is dropped from the file, so its row is computed again;
+    a file that is otherwise not such a table is refused (MsifError) and left as it is."""
     import pandas as pd
 
     from msif.errors import MsifError
 
-    text = csv.read_text()
-    if text and not text.endswith("\n"):
-        raise MsifError(f"{csv} ends in the middle of a line, so its last retrain was not written completely.", KEEP)
     try:
-        frame = pd.read_csv(csv)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        text = csv.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise MsifError(f"{csv} is not a text CSV table (it holds bytes that are not UTF-8).", KEEP) from None
+    if text and not text.endswith("\n"):
+        # the last row's append was cut off (a crash mid-write): drop that row, which is then computed again
+        complete = text[: text.rfind("\n") + 1]
+        if not complete:
+            raise MsifError(f"{csv} has no complete line, not even its header.", KEEP)
+        atomic_write_text(complete, csv)
+        text = complete
+    try:
+        frame = pd.read_csv(io.StringIO(text))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise MsifError(f"{csv} is not a readable CSV table ({str(err).splitlines()[0]}).", KEEP) from None
     if list(frame.columns) != columns:
         raise MsifError(f"{csv} has the columns {list(frame.columns)}, not the {columns} this run writes.", KEEP)

@@ -14,6 +14,7 @@ both, so a checkpoint made with other settings is refused, never silently reused
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import zipfile
@@ -80,6 +81,7 @@ def save_run(
         "stage": run.stage,
         "signature": run.signature,
         "settings": json.dumps(run.settings, sort_keys=True),
+        "sha256": state_digest(state),
         "state": state,
         **(extra or {}),
     }
@@ -89,7 +91,10 @@ def save_run(
 def load_checkpoint(path: Path, run: RunFolder) -> dict[str, Any]:
     """Load and check a checkpoint: readable, the right stage, and made with `run`'s settings."""
     path = Path(path)
-    rerun = f"Delete {path.parent} and rerun `msif {run.stage}` with the same overrides to recreate it."
+    rerun = (
+        f"Delete the file {path} (only it: the runs made from it stay in their folders) and rerun "
+        f"`msif {run.stage}` with the same overrides to recreate it."
+    )
     if not path.exists():
         raise MsifError(f"No {run.stage} checkpoint at {path}.", f"Run `msif {run.stage}` first.")
     try:
@@ -98,6 +103,10 @@ def load_checkpoint(path: Path, run: RunFolder) -> dict[str, Any]:
         raise MsifError(f"The checkpoint {path} is corrupt or truncated ({type(err).__name__}).", rerun) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise MsifError(f"{path} is not an msif checkpoint (no '{FORMAT}' header).", rerun)
+    if "sha256" in ckpt and state_digest(ckpt.get("state")) != ckpt["sha256"]:
+        raise MsifError(
+            f"The checkpoint {path} is corrupt: its weights do not match the SHA-256 written with them.", rerun
+        )
     if ckpt.get("stage") != run.stage:
         raise MsifError(
             f"{path} is a {ckpt.get('stage')} checkpoint, but a {run.stage} checkpoint was expected.",
@@ -113,6 +122,26 @@ def load_checkpoint(path: Path, run: RunFolder) -> dict[str, Any]:
             "(drop upstream.* so the run folder is found from the settings).",
         )
     return ckpt
+
+
+def state_digest(state: Any) -> str:
+    """SHA-256 of a checkpoint's tensors (names, dtypes, shapes and bytes, in name order). torch.load does not check
+    the zip archive's CRCs, so a flipped byte in the weights would otherwise load silently."""
+    h = hashlib.sha256()
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k in sorted(node):
+                walk(f"{prefix}/{k}", node[k])
+        elif isinstance(node, torch.Tensor):
+            t = node.detach().cpu().contiguous()
+            h.update(f"{prefix}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(f"{prefix}={node!r}".encode())
+
+    walk("", state)
+    return h.hexdigest()
 
 
 def describe_difference(theirs: dict, ours: dict, limit: int = 4) -> str:

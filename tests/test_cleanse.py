@@ -132,14 +132,20 @@ def test_bad_cleanse_settings_are_refused_before_any_work(env, override, needle)
         cleanse(compose_cfg("cleanse", FAST + [override]))
 
 
-def test_a_truncated_cleanse_table_is_kept_and_refused(env, prebuilt):
+def test_a_cleanse_row_cut_off_is_retrained_and_a_repeated_row_is_refused(env, prebuilt):
     prebuilt("influence", FAST, config="cleanse")
     cfg = compose_cfg("cleanse", FAST[:1] + ["cleanse.seeds=[0]"] + FAST[2:])
     result = cleanse(cfg)
     csv = result.path / "cleanse.csv"
-    csv.write_text(csv.read_text()[:-5])
+    whole = csv.read_text()
+    csv.write_text(whole[:-5])  # the last append cut off
+    again = cleanse(cfg)
+    cols = ["seed", "condition", "removed", "test_accuracy", "test_loss", "pretrain_test_accuracy"]
+    pd.testing.assert_frame_equal(again.table[cols], result.table[cols])
+    lines = csv.read_text().splitlines(keepends=True)
+    csv.write_text("".join(lines + lines[1:2]))  # a row twice
     before = csv.read_text()
-    with pytest.raises(MsifError, match="middle of a line"):
+    with pytest.raises(MsifError, match="repeats a row"):
         cleanse(cfg)
     assert csv.read_text() == before
 

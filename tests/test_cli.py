@@ -111,6 +111,22 @@ def test_a_corrupt_or_truncated_checkpoint_is_refused_and_left_in_place(env, tmp
     assert ckpt.stat().st_size == 200
 
 
+def test_a_flipped_byte_in_a_checkpoints_weights_is_refused(env, tmp_path, prebuilt):
+    """torch.load does not check the archive's CRCs: a checkpoint carries a SHA-256 of its weights instead."""
+    prebuilt("pretrain", TINY)
+    (pre_dir,) = folders(tmp_path / "outputs", "pretrain-*")
+    ckpt = pre_dir / "checkpoint.pt"
+    data = bytearray(ckpt.read_bytes())
+    weight = torch.load(ckpt, weights_only=True)["state"]["embedding"]["1.weight"]
+    at = bytes(data).find(weight.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    assert at > 0, "the weights are stored as they are in the archive"
+    data[at + 5] ^= 0x01  # one bit of one float
+    ckpt.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(ckpt, weights_only=True)["state"]["embedding"]["1.weight"], weight)
+    refused(msif(["finetune", *TINY]), "is corrupt", "SHA-256", str(ckpt))
+    assert not list((tmp_path / "outputs").rglob("finetune-*/checkpoint.pt"))
+
+
 @pytest.mark.parametrize(
     "args, needles",
     [

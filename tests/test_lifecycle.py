@@ -94,8 +94,12 @@ def test_resumable_rows_continue_a_table_and_refuse_one_that_is_not_whole(tmp_pa
     assert again.done == 2 and (3,) in again and (7,) in again
     assert again.frame().equals(pd.DataFrame({"index": [3, 7], "score": [0.5, -1.5], "seconds": [1.0, 2.0]}))
 
+    csv.write_text("index,score,seconds\n3,0.5,1.0\n7,-1.")  # the last append cut off: that row is done again
+    cut = ResumableRows(csv, COLUMNS, key=["index"], numeric=["index", "score"])
+    assert cut.done == 1 and (3,) in cut and (7,) not in cut
+    assert csv.read_text() == "index,score,seconds\n3,0.5,1.0\n"
+
     for text, match in [
-        ("index,score,seconds\n3,0.5,1.0\n7,-1.", "middle of a line"),
         ("index,score,seconds\n3,0.5,1.0\n3,0.7,1.0\n", "repeats a row"),
         ("index,score,seconds\n3,abc,1.0\n", "non-numeric"),
         ("index,value,seconds\n3,0.5,1.0\n", "columns"),

@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 import torch
 
-from msif.errors import MsifError
 from msif.loo import correlation
 from msif.stages import validate_loo
 from tests.helpers.cli import msif, ok, refused
@@ -162,17 +161,20 @@ def test_bad_loo_input_is_refused_clearly(args, needles, env, prebuilt):
     refused(msif(["validate-loo", *FAST, *args]), *needles)
 
 
-def test_a_corrupt_partial_csv_is_refused_and_kept(env, tmp_path, prebuilt):
+def test_a_row_cut_off_is_retrained_and_a_corrupt_table_is_refused_and_kept(env, tmp_path, prebuilt):
     prebuilt("influence", FAST, config="validate-loo")
-    validate_loo(compose_cfg("validate-loo", FAST))
+    whole = validate_loo(compose_cfg("validate-loo", FAST)).table
     csv = next((tmp_path / "outputs").rglob("loo.csv"))
-    broken = csv.read_text()[:-7]  # cut inside the last row
+    broken = csv.read_text()[:-7]  # cut inside the last row: an append interrupted by a crash or a full disk
     csv.write_text(broken)
-    with pytest.raises(MsifError, match="middle of a line"):
-        validate_loo(compose_cfg("validate-loo", FAST))
+    again = validate_loo(compose_cfg("validate-loo", FAST)).table  # that row is dropped and retrained
+    cols = ["index", "source_index", "label", "score", "predicted_effect", "actual_effect"]
+    pd.testing.assert_frame_equal(again[cols], whole[cols], check_dtype=False)
     csv.write_text(broken + "\nnot,a,row\n")
     refused(msif(["validate-loo", *FAST]), "loo.csv", "kept as it is")
     assert csv.read_text() == broken + "\nnot,a,row\n"
+    csv.write_bytes(b"\x80\x81 not text")
+    refused(msif(["validate-loo", *FAST]), "not UTF-8", "kept as it is")
 
 
 def test_retrains_start_from_the_trained_model_moved_by_the_pretraining_change(env, prebuilt):
