@@ -7,6 +7,7 @@ same seed and settings on the same machine give bit-identical parameters.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -17,6 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from msif.data import Examples, Tasks
+from msif.errors import MsifError
 from msif.influence.params import embed
 from msif.models import build_finetune_net, build_pretrain_net
 from msif.progress import progress
@@ -91,6 +93,12 @@ def fit(
             loss.backward()
             opt.step()
             losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                raise MsifError(
+                    f"Training diverged: the loss is {losses[-1]} at step {step + 1} of {description or 'training'} "
+                    f"(lr {t.lr:g}, {t.optimizer}), so no checkpoint is saved.",
+                    "Lower the learning rate (train.pretrain.lr / train.finetune.lr).",
+                )
             seen += len(idx)
             if show_progress and (step % 10 == 0 or step == steps - 1):
                 rate = seen / max(time.perf_counter() - start, 1e-9)

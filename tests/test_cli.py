@@ -180,3 +180,16 @@ def test_in_process_runs_leave_nothing_behind_for_the_next(env, tmp_path):
     assert not GlobalHydra.instance().is_initialized()
     assert not (tmp_path / "outputs" / "logs").exists(), "no Hydra job folders: results live in run folders"
     assert not logging.getLogger("msif").handlers, "the console handler is removed after each run"
+
+
+def test_training_that_diverges_stops_without_a_checkpoint(env, tmp_path, monkeypatch):
+    """A non-finite loss ends the stage with an error (an infinite lr is refused by the schema before that)."""
+    import torch.nn.functional as F
+
+    from msif import training
+
+    real = F.cross_entropy
+    monkeypatch.setattr(training.F, "cross_entropy", lambda logits, y, **kw: real(logits, y, **kw) * float("nan"))
+    refused(msif(["pretrain", *TINY]), "Training diverged", "loss is nan", "train.pretrain.lr")
+    assert not list((tmp_path / "outputs").rglob("checkpoint.pt"))
+    refused(msif(["pretrain", *TINY, "train.pretrain.lr=inf"]), "train.pretrain.lr must be > 0")

@@ -156,3 +156,31 @@ def test_progress_and_messages_reach_whatever_the_caller_installed(caplog, tmp_p
     assert any(kind == "update" for kind, _ in events)
     assert any("curvature: fitted 12 Ritz pairs" in r.getMessage() for r in caplog.records)
     assert list(tmp_path.glob("ritz-*-r12-s0.pt"))
+
+
+def test_a_network_or_labels_outside_the_contract_get_one_paragraph_before_any_work():
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    x, y = torch.randn(20, 4), torch.randint(0, 2, (20,))
+    with pytest.raises(ValueError, match=r"no `\.embedding` submodule.*features` / `classifier"):
+        MultiStageInfluence(plain, plain, (x, y), (x, y))
+
+    class Net(torch.nn.Module):
+        def __init__(self, k):
+            super().__init__()
+            self.embedding, self.head = (
+                torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh()),
+                torch.nn.Linear(3, k),
+            )
+
+        def forward(self, x):
+            return self.head(self.embedding(x).flatten(1))
+
+    with pytest.raises(ValueError, match=r"labels run from 0 to 7, but the network has 2 outputs.*0\.\.1"):
+        MultiStageInfluence(Net(2), Net(2), (x, y), (x, y * 7))
+    with pytest.raises(ValueError, match="not class indices"):
+        MultiStageInfluence(Net(2), Net(2), (x, y.float()), (x, y))
+    from msif.influence import SingleStageInfluence
+
+    with pytest.raises(ValueError, match="labels run from -1 to 1"):
+        SingleStageInfluence(plain, (x, y - 1 + (y > 0).long()))

@@ -65,6 +65,33 @@ def check_score_method(method: str) -> str:
     return method
 
 
+def check_network(net: nn.Module, x: torch.Tensor, y: torch.Tensor, what: str, device, two_stage: bool = True) -> None:
+    """The embedding/head contract (`two_stage`) and the labels, checked before any work: one paragraph saying what
+    is expected."""
+    missing = [n for n in ("embedding", "head") if two_stage and not isinstance(getattr(net, n, None), nn.Module)]
+    if missing:
+        raise MsifError(
+            f"The {what} network ({type(net).__name__}) has no `.{missing[0]}` submodule.",
+            "msif needs a module with `.embedding` (the parameters W shared by both stages) and `.head` (the task's "
+            "own parameters) whose forward is head(embedding(x).flatten(1)); wrap a model that names them "
+            "otherwise (e.g. a torchvision model's `features` / `classifier`) in such a module.",
+        )
+    if len(y) == 0:
+        raise MsifError(f"The {what} data set is empty.", "Pass at least one (x, y) example.")
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise MsifError(
+            f"The {what} labels are {y.dtype}, not class indices.", "Pass integer labels 0..k−1 (torch.long)."
+        )
+    with torch.no_grad():
+        k = int(net(x[:1].to(device)).shape[-1])
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= k:
+        raise MsifError(
+            f"The {what} labels run from {low} to {high}, but the network has {k} outputs.",
+            f"Labels are class indices for cross-entropy: map them to 0..{k - 1}.",
+        )
+
+
 def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) from a pair of tensors, an object with .x/.y, or an iterable of (x, y) batches."""
     if hasattr(data, "x") and hasattr(data, "y"):
@@ -141,6 +168,8 @@ class MultiStageInfluence:
         self.finetune_net = copy.deepcopy(finetune_net).to(self.device).eval()
         self.x_pre, self.y_pre = as_tensors(pretrain_data)
         self.x_fin, self.y_fin = as_tensors(finetune_data)
+        check_network(self.pretrain_net, self.x_pre, self.y_pre, "pretraining", self.device)
+        check_network(self.finetune_net, self.x_fin, self.y_fin, "finetuning", self.device)
         self.m, self.n = len(self.y_pre), len(self.y_fin)
 
         # The pretrain side: G over a fixed random sample of pretraining examples (Appendix B: 1,000).

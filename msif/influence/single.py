@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from msif.influence.api import _batches, _sample, as_tensors, check_score_method, rows_of
+from msif.influence.api import _batches, _sample, as_tensors, check_network, check_score_method, rows_of
 from msif.influence.hessian import GRAPH_BUDGET_BYTES, Hessian
 from msif.influence.multistage import Trace, target_gradient
 from msif.influence.params import network_space, summed_loss
@@ -56,6 +56,7 @@ class SingleStageInfluence:
         self.device = torch.device(device) if device is not None else next(net.parameters()).device
         self.net = copy.deepcopy(net).to(self.device).eval()
         self.x, self.y = as_tensors(train_data)
+        check_network(self.net, self.x, self.y, "training", self.device, two_stage=False)
         self.m = len(self.y)
         self.space, self.point = network_space(self.net)
         self.hessian_index = _sample(self.m, hessian_sample, sample_seed)

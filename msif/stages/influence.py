@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from omegaconf import DictConfig
 
 from msif import distributed
@@ -112,6 +113,13 @@ class Influence(Stage):
         if not distributed.is_main():
             distributed.barrier()  # until process 0 has written the table
             return InfluenceResult(folder.path, read_json(folder.path / "summary.json"))
+        if not torch.isfinite(scores).all() or not bool(scores.abs().max() > 0):
+            raise MsifError(
+                f"The influence scores are {'not finite' if not torch.isfinite(scores).all() else 'all zero'}, so "
+                "they rank nothing; no table is written.",
+                "The trained networks are likely degenerate (a diverged or saturated training run): check the "
+                "finetune run's metrics.json, or retrain with a lower learning rate.",
+            )
         frame = score_table(scores, score_rows, pre_set, targets if per_test else None, test, pred)
         write_parquet(frame, folder.path / "scores.parquet")
         summary = {
