@@ -69,6 +69,16 @@ def test_the_profile_sets_training_steps_loo_steps_and_budgets():
         ("validate-loo", ["loo.reference=other"], ["loo.reference=other", "retrain"]),
         ("cleanse", ["cleanse.start=hot"], ["cleanse.start=hot", "scratch"]),
         ("cleanse", ["cleanse.fraction=0"], ["cleanse.fraction must be > 0"]),
+        # the bad numbers a fault-injection trial found accepted or misreported
+        ("pretrain", ["seed=abc"], ["'seed'", "abc"]),
+        ("pretrain", ["seed=1.5"], ["'seed'", "1.5"]),
+        ("pretrain", ["train.pretrain.lr=nan"], ["train.pretrain.lr must be > 0"]),
+        ("influence", ["hessian.pretrain_sample=-5"], ["hessian.pretrain_sample must be >= 1"]),
+        ("influence", ["hessian.pretrain_sample=0"], ["hessian.pretrain_sample must be >= 1"]),
+        ("influence", ["solver.pretrain.iterations=0"], ["iterations", "solver.pretrain.iterations"]),
+        ("influence", ["score.part_rows=0"], ["score.part_rows must be >= 1"]),
+        ("influence", ["target.chunk=0"], ["target.chunk must be >= 1"]),
+        ("influence", ["target.max_points=0"], ["target.max_points must be >= 1"]),
     ],
 )
 def test_bad_settings_are_refused_by_the_command_before_any_work(stage, overrides, needles, tmp_path, capsys):
