@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from msif.cli import STAGES
-from msif.config import CONF_DIR
+from msif.config import CONF_DIR, validate_config
 from msif.models import build_finetune_net, build_pretrain_net, parameter_groups
 from tests.helpers.configs import compose_cfg
 
@@ -43,6 +43,7 @@ def test_every_stage_dataset_case_profile_composes_and_resolves(stage, dataset, 
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert plain["dataset"]["name"] == dataset
     assert plain["case"]["name"] == case
+    validate_config(cfg)  # and the composed config passes the schema (msif.schema) and the solver settings
     steps = plain["profile"]["train"][plain["train"]["name"]]
     assert plain["profile"]["name"] == profile
     assert plain["train"]["pretrain"]["steps"] == steps["pretrain"]
