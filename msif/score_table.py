@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pandas as pd
 import torch
 
 from msif.data import Examples
+from msif.errors import MsifError
 from msif.io import atomic_write_bytes
 
 
@@ -61,7 +63,25 @@ def score_stats(s: np.ndarray) -> dict:
     }
 
 
-def write_parquet(frame: pd.DataFrame, path: Path) -> None:
+def write_parquet(frame: pd.DataFrame, path: Path) -> str:
+    """Write the table atomically; its SHA-256, which summary.json records so a reused table is checked."""
     buf = io.BytesIO()
     frame.to_parquet(buf, index=False)
     atomic_write_bytes(buf.getvalue(), path)
+    return hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+def read_parquet(path: Path, sha256: str | None) -> pd.DataFrame:
+    """A score table written by `write_parquet`, refused when it does not match `sha256` (None: not recorded) or
+    does not parse."""
+    fix = "Rerun the same command with force=true to compute it again."
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise MsifError(f"Cannot read the score table {path} ({err.strerror}).", fix) from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise MsifError(f"The score table {path} is corrupt: it does not match the SHA-256 in summary.json.", fix)
+    try:
+        return pd.read_parquet(io.BytesIO(data))
+    except Exception as err:  # noqa: BLE001  (pyarrow raises its own types for a damaged file)
+        raise MsifError(f"The score table {path} is not a readable parquet file ({type(err).__name__}).", fix) from None

@@ -253,3 +253,18 @@ def test_lowrank_curvature_is_fitted_once_and_reused_by_later_runs(env, tmp_path
     ours = influence(compose_cfg("influence", [*TINY, "case=updated", *lowrank])).scores.set_index("index")["score"]
     dense = influence(compose_cfg("influence", [*TINY, "case=updated", *exact])).scores.set_index("index")["score"]
     assert (ours - dense).abs().max() < 1e-8 * dense.abs().max()
+
+
+def test_a_damaged_score_table_is_refused_on_reuse_and_recomputed_with_force(env, tmp_path, prebuilt):
+    prebuilt("finetune", TINY)
+    first = influence(compose_cfg("influence", TINY))
+    table = first.scores.copy()
+    path = first.path / "scores.parquet"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    refused(msif(["influence", *TINY]), "is corrupt", "SHA-256", "force=true")
+    path.write_bytes(b"not a parquet file")
+    refused(msif(["influence", *TINY]), "scores.parquet", "force=true")
+    ok(msif(["influence", *TINY, "force=true"]))
+    pd.testing.assert_frame_equal(influence(compose_cfg("influence", TINY)).scores, table)

@@ -26,7 +26,7 @@ from msif.io import atomic_write_json, atomic_write_text
 from msif.lifecycle import Context, Stage, run
 from msif.resume import score_in_parts, solve_targets
 from msif.runs import RunFolder, Trained, read_json
-from msif.score_table import score_stats, score_table, write_parquet
+from msif.score_table import read_parquet, score_stats, score_table, write_parquet
 from msif.stages.finetune import finetuned
 from msif.stages.pretrain import pretrained
 from msif.summaries import influence_tables
@@ -44,7 +44,7 @@ class InfluenceResult:
     @property
     def scores(self) -> pd.DataFrame:
         if self.frame is None:
-            self.frame = pd.read_parquet(self.path / "scores.parquet")
+            self.frame = read_parquet(self.path / "scores.parquet", self.summary.get("scores_sha256"))
         return self.frame
 
 
@@ -121,7 +121,7 @@ class Influence(Stage):
                 "finetune run's metrics.json, or retrain with a lower learning rate.",
             )
         frame = score_table(scores, score_rows, pre_set, targets if per_test else None, test, pred)
-        write_parquet(frame, folder.path / "scores.parquet")
+        digest = write_parquet(frame, folder.path / "scores.parquet")
         summary = {
             "stage": "influence",
             "mode": cfg.mode,
@@ -144,6 +144,7 @@ class Influence(Stage):
             "solves": [r.as_dict() for r in msi.trace.solves],
             "scoring": msi.trace.scoring,
             "score_stats": score_stats(frame["score"].to_numpy()),
+            "scores_sha256": digest,
             "settings": folder.settings,
             "device": str(ctx.device),
             "processes": distributed.world_size(),
