@@ -18,6 +18,7 @@ that a rerun continues (validate-loo, cleanse).
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -115,11 +116,7 @@ def run(stage: Stage, cfg: DictConfig, ctx: Context | None = None) -> Any:
             say(f"{stage.name}: reusing the finished run {folder.path} (same settings; force=true recomputes)")
             stage.reused(cfg, ctx, ctx.results[key])
         return ctx.results[key]
-    folder.path.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():
-        atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), folder.path / "config.yaml")
-    ctx.results[key] = stage.compute(cfg, ctx, up, folder)
-    return ctx.results[key]
+    return _compute(stage, cfg, ctx, up, folder)
 
 
 def need(stage: Stage, cfg: DictConfig, ctx: Context) -> Any:
@@ -148,10 +145,16 @@ def need(stage: Stage, cfg: DictConfig, ctx: Context) -> Any:
         f"No {stage.name} checkpoint for these settings at {folder.path}; running `msif {stage.name}` first "
         "(upstream.auto=false stops instead)."
     )
+    return _compute(stage, cfg, ctx, up, folder)
+
+
+def _compute(stage: Stage, cfg: DictConfig, ctx: Context, up: Any, folder: RunFolder) -> Any:
+    """config.yaml first (process 0), then the stage's computation, remembered for the rest of the command."""
     folder.path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), folder.path / "config.yaml")
-    ctx.results[key] = stage.compute(cfg, ctx, up, folder)
-    return ctx.results[key]
+    if distributed.is_main():
+        atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), folder.path / "config.yaml")
+    result = ctx.results[(stage.name, str(folder.path))] = stage.compute(cfg, ctx, up, folder)
+    return result
 
 
 # --- independent retrains in worker processes -------------------------------------------------------------------
@@ -159,8 +162,6 @@ def need(stage: Stage, cfg: DictConfig, ctx: Context) -> Any:
 
 def threads_per_worker(threads: int | None, workers: int) -> int:
     """Torch threads for each of `workers` parallel retrains: `threads` when given, else the cores shared out."""
-    import os
-
     if threads:
         return int(threads)
     return max(1, (os.cpu_count() or 1) // max(1, int(workers)))

@@ -106,10 +106,10 @@ def _saved(file: Path, expect: dict, shape: tuple[str, tuple[int, ...]], shared:
 
     if not shared:
         return check()
-    use = distributed.broadcast_from_main(check() is not None if distributed.is_main() else None)
-    if not use:
+    saved = check() if distributed.is_main() else None
+    if not distributed.broadcast_from_main(saved is not None):
         return None
-    return torch.load(file, map_location="cpu", weights_only=True) if not distributed.is_main() else check()
+    return saved if distributed.is_main() else torch.load(file, map_location="cpu", weights_only=True)
 
 
 def _equal(a, b) -> bool:

@@ -8,7 +8,6 @@ from omegaconf import DictConfig
 from msif.data import Examples, Tasks
 from msif.errors import MsifError
 
-MODES = ("multi_stage", "single_stage")
 TARGET_KINDS = ("test_set", "indices", "misclassified")
 
 

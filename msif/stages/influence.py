@@ -30,7 +30,7 @@ from msif.score_table import read_parquet, score_stats, score_table, write_parqu
 from msif.stages.finetune import finetuned
 from msif.stages.pretrain import pretrained
 from msif.summaries import influence_tables
-from msif.targets import MODES, check_target, is_single_stage, label, predict, select_rows, select_targets, target_set
+from msif.targets import check_target, is_single_stage, label, predict, select_rows, select_targets, target_set
 
 
 @dataclass
@@ -59,9 +59,7 @@ class Influence(Stage):
     marker = "summary.json"
 
     def check(self, cfg: DictConfig, ctx: Context) -> None:
-        if cfg.get("mode", "multi_stage") not in MODES:
-            raise MsifError(f"Unknown influence mode '{cfg.mode}'.", f"Use mode= one of {list(MODES)}.")
-        solver_group(cfg)  # typed solver settings: unknown keys, types and ranges refused here
+        # mode, choices, ranges and the solver settings were checked with the whole config (run -> validate_config)
         tasks = ctx.tasks(cfg)
         check_target(cfg.target, target_set(cfg, tasks))
         select_rows(cfg.score.indices, len(tasks.pretrain.train))

@@ -31,7 +31,6 @@ from msif.targets import predict, require_multi_stage, select_targets
 NOT_IN_SIGNATURE = {"fixed": ("workers", "finetune_start"), "updated": ("workers",)}
 DRIFT_WARNING = 0.05  # |L_T(reference retrain) / L_T(trained model) - 1| above which validate-loo warns
 BASE_COLUMNS = ["index", "source_index", "label", "class_name", "score", "predicted_effect", "actual_effect", "seconds"]
-REFERENCES = ("retrain", "original")
 
 
 @dataclass
@@ -58,8 +57,6 @@ class ValidateLoo(Stage):
                 "validate-loo measures one summed target L_T, but target.per_test=true was given.",
                 "Drop target.per_test (choose T with target.kind / target.indices instead).",
             )
-        if cfg.loo.reference not in REFERENCES:
-            raise MsifError(f"Unknown loo.reference '{cfg.loo.reference}'.", f"Use one of {list(REFERENCES)}.")
         if cfg.loo.get("compare"):
             compare_config(cfg, cfg.loo.compare)
         check_selection(cfg.loo, len(ctx.tasks(cfg).pretrain.train))
