@@ -29,7 +29,7 @@ from msif.data import Tasks
 from msif.errors import MsifError
 from msif.io import atomic_write_json
 from msif.runs import read_json
-from msif.training import fit, train_finetune_net
+from msif.training import epoch_steps, exposure, fit, train_finetune_net
 
 if TYPE_CHECKING:
     from msif.runs import Trained
@@ -56,22 +56,58 @@ class Retrainer:
             if self.cfg.loo.get("lr") is not None:
                 self.recipe.train[stage].lr = float(self.cfg.loo.lr)
 
-    def test_loss(self, exclude: int | None = None, record: list | None = None) -> float:
-        """L_T after continuing pretraining K_p steps (without `exclude`) and finetuning K_f steps."""
+    def pretrain_schedule(self) -> tuple[int, int | None]:
+        """(K_p steps, examples) of the pretraining retrain: `loo.pretrain_steps` steps when given; else
+        `loo.pretrain_epochs` whole passes (every example seen equally often, the last batch shorter); else the
+        profile's K_p steps for the data set."""
+        loo = self.cfg.loo
+        if loo.get("pretrain_steps") is not None:
+            return int(loo.pretrain_steps), None
+        if loo.get("pretrain_epochs"):
+            return epoch_steps(
+                len(self.tasks.pretrain.train), int(self.recipe.train.pretrain.batch_size), int(loo.pretrain_epochs)
+            )
+        return int(self.cfg.profile.loo[self.cfg.dataset.name].pretrain), None
+
+    def seeds(self) -> list[int]:
+        """The batch-order seed of each retrain repeat (`loo.repeats`), each with its own paired reference."""
+        return [int(self.cfg.loo.seed) + 1000 * r for r in range(int(self.cfg.loo.get("repeats", 1)))]
+
+    def exposure(self, seed: int) -> torch.Tensor:
+        """How many of the pretraining retrain's batches each pretraining example appears in (under `seed`)."""
+        steps, examples = self.pretrain_schedule()
+        return exposure(
+            len(self.tasks.pretrain.train), int(self.recipe.train.pretrain.batch_size), steps, seed, examples
+        )
+
+    def test_loss(
+        self,
+        exclude: int | None = None,
+        record: list | None = None,
+        seed: int | None = None,
+        weights: list | None = None,
+    ) -> float:
+        """L_T after continuing pretraining K_p steps (without `exclude`, removed as `loo.removal` says) and
+        finetuning K_f steps, with the batch order of `seed` (the first of `seeds()` when None)."""
         cfg, loo, dev = self.recipe, self.cfg.loo, self.device
+        seed = self.seeds()[0] if seed is None else int(seed)
         pre_set, fin_set = self.tasks.pretrain.train, self.tasks.finetune.train
         pre_net = copy.deepcopy(self.pre.net).to(dev)
+        steps, examples = self.pretrain_schedule()
         fit(
             pre_net,
             list(pre_net.parameters()),
             pre_set.x.to(dev),
             pre_set.y.to(dev),
             cfg.train.pretrain,
-            loo.seed,
+            seed,
             "",
-            steps=int(loo.pretrain_steps),
+            steps=steps,
+            examples=examples,
             exclude=exclude,
+            removal=loo.get("removal", "zero_weight"),
             record=record,
+            weights=weights,
             show_progress=False,
         )
         # Θ starts from the finetuned Θ*; the embedding from the finetuned W** moved by the retrain's change of the
@@ -95,7 +131,7 @@ class Retrainer:
             cfg,
             fin_set.x.to(dev),
             fin_set.y.to(dev),
-            loo.seed + 1,
+            seed + 1,
             steps=int(loo.finetune_steps),
             show_progress=False,
         )
@@ -214,16 +250,47 @@ def _spearman(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
     return _pearson(rankdata(a, axis=axis), rankdata(b, axis=axis), axis=axis)
 
 
-def reference_loss(cfg: DictConfig, retrainer: Retrainer, path: Path) -> float:
-    """L_T of the reference: the retrain with z (cached in reference.json), or the original finetuned model."""
+def reference_losses(cfg: DictConfig, retrainer: Retrainer, path: Path) -> list[float]:
+    """L_T of the reference per retrain seed: the retrain with z under that seed (cached in reference.json), or
+    the original finetuned model (the same for every seed)."""
     file = path / "reference.json"
     cached = read_json(file)
-    if cached.get("reference") == cfg.loo.reference and "test_loss" in cached:
-        return float(cached["test_loss"])
+    seeds = retrainer.seeds()
+    if cached.get("reference") == cfg.loo.reference and cached.get("seeds") == seeds and "test_loss" in cached:
+        return [float(v) for v in cached["test_loss"]]
     start = time.perf_counter()
-    loss = retrainer.test_loss(None) if cfg.loo.reference == "retrain" else retrainer.original_test_loss()
-    atomic_write_json({"reference": cfg.loo.reference, "test_loss": loss, "seconds": time.perf_counter() - start}, file)
-    return loss
+    if cfg.loo.reference == "retrain":
+        losses = [retrainer.test_loss(None, seed=seed) for seed in seeds]
+    else:
+        losses = [retrainer.original_test_loss()] * len(seeds)
+    atomic_write_json(
+        {"reference": cfg.loo.reference, "seeds": seeds, "test_loss": losses, "seconds": time.perf_counter() - start},
+        file,
+    )
+    return losses
+
+
+def noise(frame: pd.DataFrame, references: list[float], r: float) -> dict:
+    """The noise floor and ceiling of a validate-loo run with R retrain seeds: the spread of the reference L_T over
+    the seeds, the test–retest correlation of ΔL_T between seeds (mean over pairs), the reliability of the mean of R
+    (Spearman–Brown) and the ceiling it puts on any predictor's r, √reliability; r / ceiling."""
+    R = len(references)
+    out: dict = {"repeats": R, "reference_test_losses": references}
+    if R < 2:
+        return out | {"ceiling": None, "note": "loo.repeats=1: the noise ceiling is not measured"}
+    cols = [f"actual_effect_r{i}" for i in range(R)]
+    pairs = [(a, b) for i, a in enumerate(cols) for b in cols[i + 1 :]]
+    retest = float(np.mean([_pearson(frame[a].to_numpy(float), frame[b].to_numpy(float)) for a, b in pairs]))
+    reliability = R * retest / (1 + (R - 1) * retest) if retest > -1 / (R - 1) else float("nan")
+    ceiling = math.sqrt(reliability) if reliability > 0 else float("nan")
+    return out | {
+        "reference_spread": float(np.std(references, ddof=1)),
+        "actual_effect_spread": float(np.mean(frame[cols].std(axis=1, ddof=1))),
+        "test_retest_r": retest,
+        "reliability_of_mean": reliability,
+        "ceiling": ceiling,
+        "r_over_ceiling": r / ceiling if ceiling and math.isfinite(ceiling) else None,
+    }
 
 
 def summarize(
@@ -241,7 +308,6 @@ def summarize(
         "case": cfg.case.name,
         "k": len(frame),
         "m": m,
-        "pretrain_steps": int(cfg.loo.pretrain_steps),
         "finetune_steps": int(cfg.loo.finetune_steps),
         "reference": cfg.loo.reference,
         "reference_test_loss": reference,

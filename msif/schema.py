@@ -55,9 +55,16 @@ class Generator:
 
 
 @dataclass
+class LabelNoise:
+    fraction: float = at_least(0.0, 0.05)
+    seed: int = 0
+
+
+@dataclass
 class PretrainData:
     classes: list[Any] = field(default_factory=list)
     n_train: int | None = at_least(1, None)
+    label_noise: LabelNoise | None = None  # planted faults (msif planted-faults); absent from the shipped configs
 
 
 @dataclass
@@ -132,6 +139,11 @@ class Steps:
 
 
 @dataclass
+class LooSteps(Steps):
+    pretrain_epochs: int | None = at_least(1, None)  # set: K_p is this many whole passes (equal exposure)
+
+
+@dataclass
 class Budget:
     cg_iterations: int = at_least(1, 50)
     lanczos_steps: int = at_least(1, 100)
@@ -139,11 +151,18 @@ class Budget:
 
 
 @dataclass
+class RelativeDamping:
+    pretrain: float | None = above(0.0, None)
+    finetune: float | None = above(0.0, None)
+
+
+@dataclass
 class Profile:
     name: str = ""
     train: dict[str, Steps] = field(default_factory=dict)
-    loo: dict[str, Steps] = field(default_factory=dict)
+    loo: dict[str, LooSteps] = field(default_factory=dict)
     budget: Budget = field(default_factory=Budget)
+    relative_damping: RelativeDamping = field(default_factory=RelativeDamping)
 
 
 @dataclass
@@ -198,6 +217,12 @@ class Output:
 
 
 @dataclass
+class Checks:
+    stability: bool = False
+    top: int = at_least(1, 100)
+
+
+@dataclass
 class Influence(Base):
     """conf/influence.yaml."""
 
@@ -207,6 +232,7 @@ class Influence(Base):
     score: Score = field(default_factory=Score)
     hessian: HessianSample = field(default_factory=HessianSample)
     output: Output = field(default_factory=Output)
+    check: Checks = field(default_factory=Checks)
 
 
 @dataclass
@@ -215,8 +241,11 @@ class Loo:
     selection: str = one_of("mix", "top", "random", default="mix")
     indices: list[int] | None = None
     seed: int = 0
-    pretrain_steps: int = at_least(0, 100)
+    pretrain_steps: int | None = at_least(0, None)
+    pretrain_epochs: int | None = at_least(1, None)
     finetune_steps: int = at_least(0, 100)
+    removal: str = one_of("zero_weight", "drop", default="zero_weight")
+    repeats: int = at_least(1, 2)
     optimizer: str | None = one_of("sgd", "adam", None, default="sgd")
     lr: float | None = above(0.0, 0.05)
     finetune_start: str = one_of("shifted", "pretrained", default="shifted")

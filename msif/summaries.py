@@ -53,11 +53,12 @@ def influence_tables(frame: pd.DataFrame, summary: dict, top_k: int) -> list[Tab
         tables.append(
             table(
                 "IHVP solves",
-                ["Hessian", "method", "damping", "iterations", "HVPs", "residual", "‖Hx−b‖/‖b‖"],
+                ["Hessian", "method", "system solved", "damping", "iterations", "HVPs", "residual", "‖Hx−b‖/‖b‖"],
                 [
                     [
                         r["label"],
                         r["method"],
+                        r.get("system", ""),
                         r["damping"],
                         r["iterations"],
                         r["hvps"],
@@ -97,12 +98,13 @@ def loo_table(summary: dict) -> Table:
                 f"[{ci_r[0]:+.2f}, {ci_r[1]:+.2f}]" if ci_r else "-",
                 f"{s['spearman_rho']:+.3f}",
                 f"[{ci_rho[0]:+.2f}, {ci_rho[1]:+.2f}]" if ci_rho else "-",
+                f"{s.get('fit_slope', float('nan')):.3g}",
             ]
         )
     return table(
         f"predicted −I/m vs actual ΔL_T ({summary['dataset']}, case {summary['case']}, "
         f"{summary['retrain_seconds']['mean']:.1f} s per retrain)",
-        ["scores", "k", "Pearson r", "95% CI", "Spearman ρ", "95% CI"],
+        ["scores", "k", "Pearson r", "95% CI", "Spearman ρ", "95% CI", "slope (predicted / actual)"],
         rows,
     )
 
@@ -137,3 +139,16 @@ def cleanse_tables(summary: dict, conditions: tuple[str, ...]) -> list[Table]:
         ),
         table("paired differences over the same seeds", ["", "accuracy", "loss"], paired),
     ]
+
+
+VERDICT_STYLE = {"good": "green", "fair": "yellow", "poor": "red", "unknown": "dim"}
+
+
+def reliability_table(checks: list, verdict: str) -> Table:
+    """The reliability verdict of an influence run (msif.stability.reliability): one row per check."""
+    t = table(
+        f"reliability: {verdict}",
+        ["check", "value", "verdict", "advice"],
+        [[c.what, c.value, f"[{VERDICT_STYLE[c.verdict]}]{c.verdict}[/]", c.advice] for c in checks],
+    )
+    return t

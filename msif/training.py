@@ -24,16 +24,24 @@ from msif.models import build_finetune_net, build_pretrain_net
 from msif.progress import progress
 
 
-def batch_schedule(n: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+def batch_schedule(
+    n: int, batch_size: int, steps: int, seed: int, examples: int | None = None
+) -> Iterator[torch.Tensor]:
     """Indices of each step's batch: consecutive slices of a stream of seeded random permutations of range(n).
 
-    A batch may straddle two permutations, so every example is seen once per n/batch_size steps.
+    A batch may straddle two permutations, so every example is seen once per n/batch_size steps. `examples` ends the
+    stream after that many examples (the last batch shorter): with examples = E·n every example is seen exactly E
+    times (`epoch_steps`).
     """
     gen = torch.Generator().manual_seed(seed)
     bs = min(batch_size, n)
     perm, pos = torch.randperm(n, generator=gen), 0
+    left = math.inf if examples is None else int(examples)
     for _ in range(steps):
-        parts, need = [], bs
+        parts, need = [], int(min(bs, left))
+        left -= need
+        if need <= 0:
+            return
         while need > 0:
             if pos == n:
                 perm, pos = torch.randperm(n, generator=gen), 0
@@ -41,6 +49,24 @@ def batch_schedule(n: int, batch_size: int, steps: int, seed: int) -> Iterator[t
             parts.append(perm[pos : pos + take])
             pos, need = pos + take, need - take
         yield parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def epoch_steps(n: int, batch_size: int, epochs: int) -> tuple[int, int]:
+    """(steps, examples) of `epochs` whole passes over n examples in batches of `batch_size`: every example seen
+    exactly `epochs` times, the last batch shorter when batch_size does not divide epochs·n."""
+    examples = int(epochs) * n
+    return math.ceil(examples / min(batch_size, n)), examples
+
+
+def exposure(n: int, batch_size: int, steps: int, seed: int, examples: int | None = None) -> torch.Tensor:
+    """How many of the schedule's batches each of the n examples appears in."""
+    counts = torch.zeros(n, dtype=torch.long)
+    for idx in batch_schedule(n, batch_size, steps, seed, examples):
+        counts += torch.bincount(idx, minlength=n)
+    return counts
+
+
+REMOVALS = ("zero_weight", "drop")
 
 
 def make_optimizer(params: list[torch.Tensor], t: DictConfig) -> torch.optim.Optimizer:
@@ -60,17 +86,27 @@ def fit(
     penalty: Callable[[], torch.Tensor] | None = None,
     *,
     steps: int | None = None,
+    examples: int | None = None,
     exclude: int | None = None,
+    removal: str = "zero_weight",
     record: list[torch.Tensor] | None = None,
+    weights: list[torch.Tensor] | None = None,
     show_progress: bool = True,
 ) -> dict:
-    """Minimise mean cross-entropy of `model(x)` (+ `penalty()`) over `params` for `t.steps` (or `steps`) steps.
+    """Minimise mean cross-entropy of `model(x)` (+ `penalty()`) over `params` for `t.steps` (or `steps`) steps
+    (`examples`: stop after that many examples, see `batch_schedule`).
 
-    `exclude` drops one example (a row of x) from every batch it would appear in, leaving the batch order of all
-    other examples unchanged: the leave-one-out retrain differs from its reference in that example alone. `record`
-    receives each step's batch indices. Returns the mean training loss over the last 10% of steps, the wall time
-    and the throughput.
+    `exclude` removes one example (a row of x) from every batch it would appear in, leaving the batch order of all
+    other examples unchanged: the leave-one-out retrain differs from its reference in that example alone. `removal`
+    says how: `zero_weight` (the default) gives it weight zero and keeps every other example's weight 1/b, as the
+    influence function's removal (ε = −1/m in G) does; `drop` takes the mean over the b − 1 others, which
+    up-weights each of them by b/(b − 1): an extra step along that batch's mean gradient that z has no part in.
+    `record` receives each step's batch indices (without the excluded example), `weights` each step's per-example
+    loss weights over the whole batch (z included, with its weight). Returns the mean training loss over the last
+    10% of steps, the wall time and the throughput.
     """
+    if removal not in REMOVALS:
+        raise ValueError(f"removal must be one of {REMOVALS}, not {removal!r}")
     steps = t.steps if steps is None else steps
     opt = make_optimizer(params, t)
     losses: list[float] = []
@@ -79,14 +115,25 @@ def fit(
     bar = progress() if show_progress else nullcontext(None)
     with bar:
         task = bar.add_task(description, total=steps, info="") if show_progress else None
-        for step, idx in enumerate(batch_schedule(len(y), t.batch_size, steps, seed)):
-            if exclude is not None:
+        for step, idx in enumerate(batch_schedule(len(y), t.batch_size, steps, seed, examples)):
+            b = len(idx)
+            hit = exclude is not None and bool((idx == exclude).any())
+            if weights is not None:
+                w = torch.full((b,), 1.0 / b, dtype=torch.float64)
+                if hit:
+                    other = 1.0 / b if removal == "zero_weight" else 1.0 / max(b - 1, 1)
+                    w = torch.where(idx == exclude, 0.0, other).double()
+                weights.append(w)
+            if hit:
                 idx = idx[idx != exclude]
             if record is not None:
                 record.append(idx)
             if len(idx) == 0:
                 continue
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            if hit and removal == "zero_weight":  # the sum over the others, still divided by the whole batch
+                loss = F.cross_entropy(model(x[idx]), y[idx], reduction="sum") / b
+            else:  # the mean (a batch without z: bit for bit the reference's step)
+                loss = F.cross_entropy(model(x[idx]), y[idx])
             if penalty is not None:
                 loss = loss + penalty()
             opt.zero_grad(set_to_none=True)

@@ -134,8 +134,9 @@ class Problem:
         )
 
 
-def exact(mu_pre, mu_fin, **kw):
-    return default_solver("exact", pretrain_damping=mu_pre, finetune_damping=mu_fin, **kw)
+def exact(mu_pre, mu_fin, normal=False, **kw):
+    """The dense solve; of (H + λI) x = b unless normal (the default solver's and `exact`'s own default system)."""
+    return default_solver("exact", pretrain_damping=mu_pre, finetune_damping=mu_fin, normal=normal, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,6 +229,17 @@ def test_lanczos_matches_explicit_hessians_for_both_filters(problem):
     plain = explicit_scores(problem, problem.case, problem.alpha, 0.02, 0.02)
     lz = problem.msif(default_solver("lanczos", 0.02, 0.02, iterations=200, tol=1e-13, normal=False))
     assert rel(lz.influence(problem.xt, problem.yt), plain) < 1e-6
+
+
+def test_exact_by_default_solves_the_default_solvers_system_and_says_which(problem):
+    """`solver=exact` is the check of the default: the same (H² + λI) x = H b, named in every solve report."""
+    dense = problem.msif(default_solver("exact", 1e-3, 1e-4))
+    lz = problem.msif(default_solver("lanczos", 1e-3, 1e-4, iterations=200, tol=1e-13))
+    assert rel(dense.influence(problem.xt, problem.yt), lz.influence(problem.xt, problem.yt)) < 1e-6
+    assert {r.system for r in dense.trace.solves} == {r.system for r in lz.trace.solves} == {"(H² + λI) x = H b"}
+    plain = problem.msif(exact(0.02, 0.02))
+    plain.influence(problem.xt, problem.yt)
+    assert {r.system for r in plain.trace.solves} == {"(H + λI) x = b"}
 
 
 def test_cg_and_lissa_agree_with_exact_on_the_same_system(problem):

@@ -29,7 +29,9 @@ def test_the_profile_sets_training_steps_loo_steps_and_budgets():
     """Appendix B of the paper: CIFAR leave-one-out 6000 pretrain / 3000 finetune steps (case updated: 1000),
     200 CG iterations (Section 4.2), all finetune examples; lanczos gets the HVPs of cg_normal's budget."""
     paper = compose_stage("validate-loo", ["dataset=cifar", "case=updated", "profile=paper", "solver=cg_normal"])
-    assert (paper.loo.pretrain_steps, paper.loo.finetune_steps) == (6000, 1000)
+    assert (paper.profile.loo.cifar.pretrain, paper.loo.pretrain_epochs, paper.loo.finetune_steps) == (6000, None, 1000)
+    cpu_loo = compose_stage("validate-loo", ["dataset=cifar"]).loo
+    assert (cpu_loo.pretrain_steps, cpu_loo.pretrain_epochs) == (None, 1)  # cpu: one whole pass, equal exposure
     assert paper.solver.pretrain.iterations == 200 and paper.hessian.finetune_sample is None
     fixed = compose_stage("validate-loo", ["dataset=cifar", "case=fixed", "profile=paper"])
     assert fixed.loo.finetune_steps == 3000 and fixed.solver.pretrain.iterations == 400

@@ -46,7 +46,9 @@ def problem():
 
 def test_scores_match_the_explicit_hessian_formula(problem):
     x, y, x_T, y_T, theta, objective, net = problem
-    ssi = SingleStageInfluence(net, (x, y), solver={"method": "exact", "damping": MU}, hessian_sample=None)
+    ssi = SingleStageInfluence(
+        net, (x, y), solver={"method": "exact", "damping": MU, "normal": False}, hessian_sample=None
+    )
     scores = ssi.influence(x_T, y_T)
     H = hessian(objective)(theta)
     s = torch.linalg.solve(H, grad(lambda t: F.cross_entropy(logits(t, x_T), y_T, reduction="sum"))(theta))
@@ -60,7 +62,9 @@ def test_scores_match_the_explicit_hessian_formula(problem):
 @pytest.mark.parametrize("z", [0, 17, 42])
 def test_scores_are_the_derivative_of_the_retrained_test_loss(problem, z):
     x, y, x_T, y_T, theta, objective, net = problem
-    ssi = SingleStageInfluence(net, (x, y), solver={"method": "exact", "damping": MU}, hessian_sample=None)
+    ssi = SingleStageInfluence(
+        net, (x, y), solver={"method": "exact", "damping": MU, "normal": False}, hessian_sample=None
+    )
     score = float(ssi.influence(x_T, y_T, indices=torch.tensor([z]))[0])
     eps = 1e-4
 
@@ -122,7 +126,12 @@ def test_multi_stage_only_stages_refuse_single_stage_mode(env, stage):
 def test_every_scoring_method_gives_the_explicit_per_test_scores(problem, method):
     x, y, x_T, y_T, theta, objective, net = problem
     ssi = SingleStageInfluence(
-        net, (x, y), solver={"method": "exact", "damping": MU}, hessian_sample=None, batch_size=16, score_method=method
+        net,
+        (x, y),
+        solver={"method": "exact", "damping": MU, "normal": False},
+        hessian_sample=None,
+        batch_size=16,
+        score_method=method,
     )
     scores = ssi.influence(x_T[:7], y_T[:7], per_test=True)
     H = hessian(objective)(theta)

@@ -189,3 +189,46 @@ def test_lanczos_residuals_equal_directly_computed_ones_and_cost_at_most_one_hvp
     assert report.residual == pytest.approx(float(want), rel=1e-3)
     assert report.inverse_residual == pytest.approx(float(want_inverse), rel=1e-3)
     assert report.hvps == len(B) * (steps + (1 if normal else 0))
+
+
+class DenseSource(Dense):
+    """A Dense matrix that also offers what the curvature cache needs (msif.influence.curvature.CurvatureSource)."""
+
+    def __init__(self, A: torch.Tensor):
+        super().__init__(A)
+        self.point, self.cache_dir, self.ritz_pairs = A[0], None, {}
+
+    def fingerprint(self) -> str:
+        return "dense"
+
+
+@pytest.mark.parametrize("normal", [True, False])
+def test_relative_damping_damps_below_a_fraction_of_the_largest_eigenvalue(normal):
+    """relative_damping ρ: λ = (ρ·|λ|max)² for the paper's system, ρ·|λ|max for (H + λI) x = b, with |λ|max from
+    the explicit matrix's eigenvalues (here 10); the solve is then the dense filter at that λ."""
+    p, rho = 80, 0.03
+    A = indefinite(p)
+    top = float(torch.linalg.eigvalsh(A).abs().max())
+    lam = (rho * top) ** 2 if normal else rho * top
+    B = torch.randn(3, p, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    eye = torch.eye(p, dtype=torch.float64)
+    want = (torch.linalg.solve(A @ A + lam * eye, A @ B.T) if normal else torch.linalg.solve(A + lam * eye, B.T)).T
+    spec = {"method": "lanczos", "damping": 123.0, "relative_damping": rho, "iterations": 500, "tol": 1e-14}
+    X, report = solve(DenseSource(A), B, spec | {"normal": normal}, "t")
+    assert report.largest_eigenvalue == pytest.approx(top, rel=1e-9)
+    assert report.damping == pytest.approx(lam, rel=1e-8) and report.relative_damping == rho
+    assert float((X - want).norm() / want.norm()) < 1e-8
+    dense, _ = solve(DenseSource(A), B, {"method": "exact", "relative_damping": rho, "normal": normal}, "t")
+    assert float((dense - want).norm() / want.norm()) < 1e-8
+
+
+def test_a_non_positive_relative_damping_is_refused_with_its_name():
+    from msif.errors import SolverError
+
+    with pytest.raises(SolverError, match="relative_damping"):
+        solve(
+            DenseSource(indefinite(10)),
+            torch.ones(1, 10, dtype=torch.float64),
+            {"method": "cg", "relative_damping": 0},
+            "t",
+        )

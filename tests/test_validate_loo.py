@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -21,6 +22,8 @@ CONVEX = [
     "dataset=tiny",
     "dtype=float64",
     "solver=exact",
+    "solver.pretrain.normal=false",  # the minimiser's Hessian is H_CE + μI: the damped system, not the paper's
+    "solver.finetune.normal=false",
     "dataset.influence.pretrain_damping=0.05",
     "dataset.influence.finetune_damping=0.05",
     "train.pretrain.optimizer=sgd",
@@ -37,6 +40,7 @@ CONVEX = [
     "loo.finetune_steps=1500",
     "loo.k=12",
     "loo.bootstrap=200",
+    "loo.repeats=1",  # full-batch gradient descent: every retrain seed gives the same retrain
     "loo.threads=1",  # 40,000 small full-batch steps: a second thread only adds OpenMP barriers (see conftest.py)
 ]
 
@@ -107,14 +111,21 @@ def test_outputs_and_the_identity_ablation(env, tmp_path, prebuilt):
         "source_index",
         "label",
         "class_name",
+        "exposure",
         "score",
         "predicted_effect",
         "actual_effect",
         "seconds",
+        "actual_effect_r0",
+        "actual_effect_r1",
         "identity_score",
         "identity_predicted_effect",
     ]
+    # two retrain seeds by default, each paired with its own reference: ΔL_T is their mean
+    assert (frame["actual_effect"] - (frame["actual_effect_r0"] + frame["actual_effect_r1"]) / 2).abs().max() < 1e-12
     summary = json.loads((folder / "loo_summary.json").read_text())
+    assert summary["noise"]["repeats"] == 2 and len(summary["noise"]["reference_test_losses"]) == 2
+    assert -1 <= summary["noise"]["test_retest_r"] <= 1
     assert set(summary["correlation"]) == {"msif", "identity"}
     assert len(summary["correlation"]["msif"]["pearson_r_ci95"]) == 2
     assert (folder / "loo.png").stat().st_size > 5000 and (folder / "reference.json").exists()
@@ -197,3 +208,113 @@ def test_retrains_start_from_the_trained_model_moved_by_the_pretraining_change(e
     )
     retrainer = Retrainer(cfg, s.tasks(cfg), pre, fin, s.device, torch.arange(len(s.tasks(cfg).finetune.test)))
     assert retrainer.test_loss(None) != retrainer.original_test_loss()  # W* instead of the finetuned W**
+
+
+def _tiny_fit(removal: str, exclude: int | None, weights: list, record: list | None = None):
+    from omegaconf import OmegaConf
+
+    from msif.training import fit
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(10, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (10,), generator=g)
+    t = OmegaConf.create({"optimizer": "sgd", "lr": 0.1, "weight_decay": 0.0, "batch_size": 4, "steps": 6})
+    fit(model, list(model.parameters()), x, y, t, 3, "", exclude=exclude, removal=removal, weights=weights,
+        record=record, show_progress=False)  # fmt: skip
+    return model, x, y
+
+
+def test_zero_weight_removal_gives_z_weight_zero_and_leaves_every_other_weight_at_one_over_b():
+    """The influence function's removal (ε = −1/m in G) changes no other example's weight; `drop` (the mean over
+    the b − 1 others) up-weights each of them by b/(b − 1)."""
+    z = 7
+    for removal, other in (("zero_weight", 1 / 4), ("drop", 1 / 3)):
+        weights, record = [], []
+        _tiny_fit(removal, z, weights, record)
+        from msif.training import batch_schedule
+
+        batches = list(batch_schedule(10, 4, 6, 3))
+        hits = 0
+        for idx, w, used in zip(batches, weights, record, strict=True):
+            assert z not in used.tolist() and set(used.tolist()) == set(idx.tolist()) - {z}
+            if z in idx.tolist():
+                hits += 1
+                assert float(w[idx == z]) == 0.0
+                assert torch.allclose(w[idx != z], torch.full((len(idx) - 1,), other, dtype=torch.float64))
+            else:
+                assert torch.allclose(w, torch.full((len(idx),), 1 / len(idx), dtype=torch.float64))
+        assert hits >= 2  # z was in some batches (6 steps of 4 over 10 examples: at least twice)
+
+
+def test_zero_weight_removal_steps_like_the_weighted_sum_and_a_batch_without_z_like_the_reference():
+    """The removed run equals SGD on Σ_{i≠z} ℓ_i / b written out by hand; with z = None it is plain SGD on the mean."""
+    from msif.training import batch_schedule
+
+    for exclude in (7, None):
+        model, x, y = _tiny_fit("zero_weight", exclude, [])
+        torch.manual_seed(0)
+        ref = torch.nn.Linear(3, 2).double()
+        for idx in batch_schedule(10, 4, 6, 3):
+            keep = idx[idx != exclude] if exclude is not None else idx
+            loss = torch.nn.functional.cross_entropy(ref(x[keep]), y[keep], reduction="sum") / len(idx)
+            ref.zero_grad()
+            loss.backward()
+            with torch.no_grad():
+                for p in ref.parameters():
+                    p -= 0.1 * p.grad
+        for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+            assert torch.allclose(a, b, rtol=0, atol=1e-14)
+
+
+def test_whole_epochs_expose_every_example_equally_often():
+    from msif.training import batch_schedule, epoch_steps, exposure
+
+    for n, b, epochs in ((10, 4, 1), (10, 4, 3), (541, 128, 24), (24754, 512, 2)):
+        steps, examples = epoch_steps(n, b, epochs)
+        counts = exposure(n, b, steps, seed=5, examples=examples)
+        assert (counts == epochs).all(), (n, b, epochs)
+        sizes = [len(i) for i in batch_schedule(n, b, steps, 5, examples)]
+        assert len(sizes) == steps and sum(sizes) == epochs * n and all(s == b for s in sizes[:-1])
+    # a step count instead: 100 steps of 128 over 10,000 CIFAR examples see some examples twice, most once
+    counts = exposure(10_000, 128, 100, seed=0)
+    assert set(counts.unique().tolist()) == {1, 2}
+
+
+def test_a_retrain_repeated_with_the_same_seed_gives_the_same_test_loss_bit_for_bit(env, prebuilt):
+    from msif.lifecycle import Context
+    from msif.loo import Retrainer
+    from msif.stages.finetune import finetuned
+
+    prebuilt("influence", FAST, upto="finetune", config="validate-loo")
+    cfg = compose_cfg("validate-loo", [*FAST[:2], "loo.pretrain_steps=null", "loo.finetune_steps=20"])
+    s = Context(cfg)
+    pre, fin = finetuned(cfg, s)
+    retrainer = Retrainer(cfg, s.tasks(cfg), pre, fin, s.device, torch.arange(len(s.tasks(cfg).finetune.test)))
+    assert retrainer.pretrain_schedule() == (51, 18 * 180)  # the profile's 18 whole passes of 180 in batches of 64
+    seed_a, seed_b = retrainer.seeds()
+    for z in (None, 17):
+        first, second = retrainer.test_loss(z, seed=seed_a), retrainer.test_loss(z, seed=seed_a)
+        assert first == second
+        assert retrainer.test_loss(z, seed=seed_b) != first  # another seed: another batch order
+    assert (retrainer.exposure(seed_a) == 18).all()
+
+
+def test_the_noise_ceiling_is_the_square_root_of_the_spearman_brown_reliability():
+    import math
+
+    from msif.loo import noise
+
+    g = np.random.default_rng(0)
+    signal = g.normal(size=200)
+    frame = pd.DataFrame({f"actual_effect_r{i}": signal + g.normal(size=200) for i in range(2)})
+    found = noise(frame, [1.0, 1.2], r=0.5)
+    retest = float(np.corrcoef(frame["actual_effect_r0"], frame["actual_effect_r1"])[0, 1])
+    assert found["test_retest_r"] == pytest.approx(retest, abs=1e-12)
+    assert found["reliability_of_mean"] == pytest.approx(2 * retest / (1 + retest))
+    assert found["ceiling"] == pytest.approx(math.sqrt(2 * retest / (1 + retest)))
+    assert found["r_over_ceiling"] == pytest.approx(0.5 / found["ceiling"])
+    assert found["reference_spread"] == pytest.approx(float(np.std([1.0, 1.2], ddof=1)))
+    # signal variance 1, noise 1 per seed: retest ≈ 0.5, so the mean of two has reliability ≈ 2/3
+    assert 0.55 < found["reliability_of_mean"] < 0.78
+    assert noise(frame[["actual_effect_r0"]], [1.0], r=0.5)["ceiling"] is None

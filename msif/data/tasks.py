@@ -25,12 +25,14 @@ class Examples:
     y: torch.Tensor
     source_index: torch.Tensor  # row in the source split (train or test)
     class_names: list[str]  # class_names[y] is the name of label y
+    flipped: torch.Tensor | None = None  # rows whose label was deliberately changed (planted faults), sorted
+    true_y: torch.Tensor | None = None  # the labels before they were changed, when any were
 
     def __len__(self) -> int:
         return len(self.y)
 
     def to(self, dtype: torch.dtype) -> Examples:
-        return Examples(self.x.to(dtype), self.y, self.source_index, self.class_names)
+        return Examples(self.x.to(dtype), self.y, self.source_index, self.class_names, self.flipped, self.true_y)
 
 
 @dataclass
@@ -70,10 +72,26 @@ def build_tasks(ds: DictConfig, cache_dir: str | None = None, dtype: torch.dtype
         input_shape=source.input_shape,
         source=source.name,
     )
+    noise = ds.pretrain.get("label_noise")
+    if noise is not None and float(noise.fraction) > 0:
+        tasks.pretrain.train = flip_labels(tasks.pretrain.train, float(noise.fraction), int(noise.seed))
     if dtype != torch.float32:
         for task in (tasks.pretrain, tasks.finetune):
             task.train, task.test = task.train.to(dtype), task.test.to(dtype)
     return tasks
+
+
+def flip_labels(examples: Examples, fraction: float, seed: int) -> Examples:
+    """A copy of `examples` with the labels of round(fraction · n) rows (a seeded draw) changed to another class,
+    drawn uniformly from the other k − 1: planted faults whose rows (`flipped`) and true labels are known."""
+    n, k = len(examples), len(examples.class_names)
+    count = int(round(fraction * n))
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(n, generator=gen)[:count].sort().values
+    shift = torch.randint(1, k, (count,), generator=gen)
+    y = examples.y.clone()
+    y[rows] = (examples.y[rows] + shift) % k
+    return Examples(examples.x, y, examples.source_index, examples.class_names, rows, examples.y.clone())
 
 
 def resolve_classes(spec, class_names: list[str], where: str) -> list[int]:

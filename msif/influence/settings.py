@@ -18,16 +18,24 @@ from msif.errors import SolverError
 @dataclass(frozen=True)
 class SolverSettings:
     """What every solver has: the damping λ, the tolerance below which a residual counts as converged, and the
-    residual above which the solve is an error rather than a ranking."""
+    residual above which the solve is an error rather than a ranking.
+
+    `relative_damping` ρ, when set, replaces `damping` by one relative to the Hessian's spectrum: eigenvalues of H
+    smaller in magnitude than ρ·|λ|_max are damped, i.e. λ = ρ·|λ|_max for (H + λI) x = b and λ = (ρ·|λ|_max)² for
+    the paper's (H² + λI) x = H b, with |λ|_max from a short seeded Lanczos run (msif.influence.solvers). An absolute
+    λ means something else for every model, data set and training length; a relative one does not."""
 
     method: ClassVar[str] = ""
     damping: float = 0.0
+    relative_damping: float | None = None
     tol: float = 1e-6
     max_residual: float = 1.0
     hessian: str = ""  # which Hessian these settings are for ("pretrain", "finetune"); only names it in messages
 
     def __post_init__(self) -> None:
         self._at_least("damping", 0.0)
+        if self.relative_damping is not None:
+            self._positive("relative_damping")
         self._at_least("tol", 0.0)  # 0: run every iteration
         self._positive("max_residual")
 
@@ -140,7 +148,7 @@ class ExactSettings(SolverSettings):
     paper's (H² + λI) x = H b; else (H + λI) x = b."""
 
     method: ClassVar[str] = "exact"
-    normal: bool = False
+    normal: bool = True
     max_params: int = 10_000
 
     def __post_init__(self) -> None:
@@ -202,7 +210,7 @@ def solver_settings(spec: SolverSettings | Mapping[str, Any], hessian: str = "")
             keys=(unknown[0],),
         )
     for f in fields(cls):  # numbers given as int where a float is meant (damping=0) are fine
-        if f.name in spec and f.type in ("float", float) and isinstance(spec[f.name], int):
+        if f.name in spec and f.type in ("float", float, "float | None") and isinstance(spec[f.name], int):
             if not isinstance(spec[f.name], bool):
                 spec[f.name] = float(spec[f.name])
     return cls(**spec, hessian=hessian)

@@ -14,11 +14,14 @@ and its settings, and returns X (K, p) with a `SolveReport`:
   (directions outside span(U) are dropped) whose residual is reported, measured on the first 2 columns.
 - `lissa`: the truncated Neumann series x_{j+1} = b + (I − (H + λI)/scale) x_j, x = x_J / scale (Agarwal et al.;
   Koh & Liang), averaged over `repeats`, with divergence detection.
-- `exact`: the explicit matrix and a dense solve of (H + λI) x = b, or with `normal: true` of the paper's
-  (H² + λI) x = H b (the dense ground truth of `cg_normal`); small models only.
+- `exact`: the explicit matrix and a dense solve of the paper's (H² + λI) x = H b (`normal: true`, the default, as
+  for `lanczos` and `cg_normal`, whose dense ground truth it is), or of (H + λI) x = b (`normal: false`, the system
+  of `cg`, `lissa` and MINRES); small models only.
 - `identity`: H⁻¹ replaced by I (the paper's Figure 3 ablation); x = b.
 
-Each reports the relative residual ‖A x − r‖ / ‖r‖ of the system it solved (recomputed at the end from H x, not
+Each report names the system it solved (`system`): two solvers rank the examples alike only when they solve the
+same one (on the digits the two systems' scores correlate negatively). Each reports the relative residual
+‖A x − r‖ / ‖r‖ of the system it solved (recomputed at the end from H x, not
 the recursive estimate; lanczos has H x and H b from its own HVPs, exactly up to rounding, so its check costs one HVP
 per column, H (H x), or none for MINRES), and ‖H x − b‖ / ‖b‖, how far x is from an exact inverse. NaN, infinity or
 a residual above `max_residual` is an error (an unconverged solve is not presented as a ranking); above 10 × `tol`,
@@ -65,6 +68,9 @@ class SolveReport:
     seconds: float = 0.0
     converged: bool = True
     history: list[float] = field(default_factory=list)  # max relative residual per iteration (CG) or step (LiSSA)
+    largest_eigenvalue: float | None = None  # |λ|_max of H, when the damping is relative to it
+    relative_damping: float | None = None  # ρ: eigenvalues below ρ·|λ|_max damped
+    system: str = ""  # the system solved, e.g. "(H² + λI) x = H b": two solvers agree only when they solve the same one
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "history"} | {"history": self.history[-50:]}
@@ -77,9 +83,9 @@ def solve(
     `solver_settings` turns into one); see the module docstring. `label` names the Hessian in reports."""
     settings = solver_settings(settings, label)
     method = settings.method
-    damping = float(settings.damping)
-    report = SolveReport(label, method, damping)
+    report = SolveReport(label, method, 0.0, system=system_solved(settings))
     calls0, start = H.calls, time.perf_counter()
+    damping = report.damping = resolve_damping(H, settings, report)  # its HVPs, if any, count as the solve's
     HX_known = HB_known = None  # H X and H B where the solver has them from its own HVPs (lanczos)
     if method == "identity":
         X = B.clone()
@@ -122,6 +128,38 @@ def solve(
         H.release()  # kept gradient graphs (msif.influence.hessian) do not outlive the solve
     _check(report, settings)
     return X, report
+
+
+SPECTRUM_STEPS = 30  # Lanczos steps from a seeded random start for |λ|_max: the extremes converge first
+
+
+def resolve_damping(H, settings: SolverSettings, report: SolveReport | None = None) -> float:
+    """The λ of the solve: `damping`, or with `relative_damping` ρ the λ that damps the eigenvalues of H below
+    ρ·|λ|_max: ρ·|λ|_max for (H + λI) x = b, (ρ·|λ|_max)² for (H² + λI) x = H b (whose filter t / (t² + λ) turns
+    over at |t| = √λ). |λ|_max comes from the Ritz values of SPECTRUM_STEPS Lanczos steps (seed 0), cached with H
+    like the `lowrank` curvature, so every target block and later run of the same Hessian shares it."""
+    rho = settings.relative_damping
+    if rho is None or settings.method == "identity":
+        return float(settings.damping)
+    rank, seed = (settings.rank, settings.seed) if isinstance(settings, LowrankSettings) else (SPECTRUM_STEPS, 0)
+    top = float(ritz_curvature(H, rank, seed).values.abs().max())
+    if report is not None:
+        report.largest_eigenvalue, report.relative_damping = top, float(rho)
+    scale = float(rho) * top
+    return scale * scale if system_solved(settings) == NORMAL_SYSTEM else scale
+
+
+NORMAL_SYSTEM = "(H² + λI) x = H b"
+PLAIN_SYSTEM = "(H + λI) x = b"
+
+
+def system_solved(settings: SolverSettings) -> str:
+    """The linear system a solver with these settings solves (the paper's normal equations or the damped one)."""
+    if settings.method == "identity":
+        return "x = b (H⁻¹ ≈ I)"
+    if settings.method == "cg_normal" or getattr(settings, "normal", False):
+        return NORMAL_SYSTEM
+    return PLAIN_SYSTEM
 
 
 def _max_rel(R: torch.Tensor, B: torch.Tensor) -> float:

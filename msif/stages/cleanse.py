@@ -75,7 +75,7 @@ class Cleanse(Stage):
 
     def upstream(self, cfg: DictConfig, ctx: Context) -> tuple[Trained, InfluenceResult]:
         pre, _ = finetuned(cfg, ctx)
-        return pre, influence(cfg, ctx)
+        return pre, influence(cfg, ctx, verdict=False)
 
     def settings(self, cfg: DictConfig, up: tuple[Trained, InfluenceResult]) -> dict[str, Any]:
         skip = NOT_IN_SIGNATURE + (("warm_steps",) if cfg.cleanse.start != "warm" else ())

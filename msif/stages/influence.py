@@ -7,6 +7,7 @@ target blocks and score parts are kept in `partial/` until the run finishes, so 
 
 from __future__ import annotations
 
+import copy
 import shutil
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from msif import distributed
 from msif.config import influence_settings, solver_group
@@ -27,9 +28,10 @@ from msif.lifecycle import Context, Stage, run
 from msif.resume import score_in_parts, solve_targets
 from msif.runs import RunFolder, Trained, read_json
 from msif.score_table import read_parquet, score_stats, score_table, write_parquet
+from msif.stability import agreement, overall, reliability
 from msif.stages.finetune import finetuned
 from msif.stages.pretrain import pretrained
-from msif.summaries import influence_tables
+from msif.summaries import influence_tables, reliability_table
 from msif.targets import check_target, is_single_stage, label, predict, select_rows, select_targets, target_set
 
 
@@ -162,9 +164,74 @@ class Influence(Stage):
 INFLUENCE = Influence()
 
 
-def influence(cfg: DictConfig, ctx: Context | None = None) -> InfluenceResult:
-    """Compute (or reuse) the influence table these settings name."""
-    return run(INFLUENCE, cfg, ctx)
+def influence(cfg: DictConfig, ctx: Context | None = None, verdict: bool = True) -> InfluenceResult:
+    """Compute (or reuse) the influence table these settings name; with `check.stability`, also score an
+    independent Hessian sample and record the agreement (stability.json). Ends with the reliability verdict."""
+    ctx = ctx if ctx is not None else Context(cfg)
+    result = run(INFLUENCE, cfg, ctx)
+    if not distributed.is_main():
+        return result
+    stability_found = None
+    if cfg.get("check") is not None and cfg.check.stability:
+        stability_found = stability(cfg, ctx, result)
+    if verdict:
+        report_reliability(result, stability_found)
+    return result
+
+
+def stability(cfg: DictConfig, ctx: Context, result: InfluenceResult) -> dict | None:
+    """The agreement of this run's scores with those of the same run on an independent Hessian sample
+    (`hessian.seed` + 1, both Hessians), kept in `<run>/stability.json` by the other run's folder; None when no
+    Hessian is sampled (every example in both), so that there is nothing to vary."""
+    single = is_single_stage(cfg)
+    full_pre = cfg.hessian.pretrain_sample is None or cfg.hessian.pretrain_sample >= result.summary["m"]
+    n = result.summary.get("n")
+    full_fin = single or cfg.hessian.finetune_sample is None or (n is not None and cfg.hessian.finetune_sample >= n)
+    if full_pre and full_fin:
+        say("stability: both Hessians sum over every example, so no sample can change the scores")
+        return None
+    if cfg.target.per_test:
+        say("stability: measured on summed targets only (target.per_test=false)")
+        return None
+    other = copy.deepcopy(cfg)
+    with open_dict(other):
+        other.hessian.seed = int(cfg.hessian.seed) + 1
+        other.check.stability = False
+    file = result.path / "stability.json"
+    saved = read_json(file) if file.exists() else {}
+    say(f"stability: the same influence on an independent Hessian sample (hessian.seed={other.hessian.seed})")
+    second = influence(other, ctx, verdict=False)
+    top = max(1, min(int(cfg.check.top), len(result.scores) // 2))
+    if saved.get("other_run") == second.path.name and saved.get("top") == top:
+        found = saved
+    else:
+        found = agreement(result.scores, second.scores, int(cfg.check.top)) | {
+            "seeds": [int(cfg.hessian.seed), int(other.hessian.seed)],
+            "other_run": second.path.name,
+        }
+        atomic_write_json(found, file)
+    say(
+        f"stability: r = {found['pearson_r']:.3f}, ρ = {found['spearman_rho']:.3f}, "
+        f"{found['top_overlap_abs']} of the top {found['top']} (by |I|) in common ({file})"
+    )
+    return found
+
+
+def report_reliability(result: InfluenceResult, stability_found: dict | None = None) -> list:
+    """Print (and return) the verdict: residuals, stability (this run's or a saved one), leave-one-out r (the
+    newest validate-loo run of this table, if any)."""
+    file = result.path / "stability.json"
+    if stability_found is None and file.exists():
+        stability_found = read_json(file)
+    loo = None
+    runs = sorted(result.path.glob("loo-*/loo_summary.json"), key=lambda f: f.stat().st_mtime)
+    if runs:
+        s = read_json(runs[-1])
+        main = s["correlation"]["msif"]
+        loo = {"pearson_r": main["pearson_r"], "n": main["n"], "ceiling": s.get("noise", {}).get("ceiling")}
+    checks = reliability(result.summary, stability_found, loo)
+    console.print(reliability_table(checks, overall(checks)))
+    return checks
 
 
 def build_influence(cfg: DictConfig, up: Upstream, ctx: Context) -> MultiStageInfluence | SingleStageInfluence:

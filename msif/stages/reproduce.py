@@ -146,7 +146,8 @@ def _settings(cfg: DictConfig, *keys: str) -> str:
         "hessian": lambda: f"H_G on {cfg.hessian.pretrain_sample} examples",
         "steps": lambda: f"{cfg.train.pretrain.steps}/{cfg.train.finetune.steps} train steps",
         "loo": lambda: (
-            f"k={cfg.loo.k}, K_p={cfg.loo.pretrain_steps}, K_f={cfg.loo.finetune_steps}, "
+            f"k={cfg.loo.k}, K_p={cfg.loo.pretrain_steps or f'{cfg.loo.pretrain_epochs} epochs'}, "
+            f"K_f={cfg.loo.finetune_steps}, {cfg.loo.repeats} seeds, "
             f"{cfg.loo.optimizer or cfg.train.pretrain.optimizer} lr {cfg.loo.lr}"
         ),
         "n": lambda: f"n={cfg.dataset.finetune.n_train or 'all'}",
@@ -198,7 +199,7 @@ def _per_test(ctx: Context, e: DictConfig) -> Entry:
     for j, overrides in enumerate(e.runs):
         cfg = ctx.compose("influence", list(overrides))
         upstream, run_context = ctx.count_upstream(cfg)
-        result = influence(cfg, run_context)
+        result = influence(cfg, run_context, verdict=False)
         compute += upstream + ctx.count(result.path, result.summary["seconds"]["total"])
         grid = result.path / "influence_grid.png"
         if grid.exists():
@@ -226,7 +227,7 @@ def _histograms(ctx: Context, e: DictConfig) -> Entry:
     for label, overrides in e.runs.items():
         cfg = ctx.compose("influence", list(overrides))
         upstream, run_context = ctx.count_upstream(cfg)
-        result = influence(cfg, run_context)
+        result = influence(cfg, run_context, verdict=False)
         compute += upstream + ctx.count(result.path, result.summary["seconds"]["total"])
         series[str(label)] = result.scores["score"].to_numpy()
         sizes[str(label)] = int(result.summary["target"]["size"])

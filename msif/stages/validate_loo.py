@@ -20,17 +20,36 @@ from msif.console import console, progress, say
 from msif.errors import MsifError
 from msif.io import atomic_write_json, atomic_write_text
 from msif.lifecycle import Context, ResumableRows, Stage, run, run_jobs, threads_per_worker
-from msif.loo import Retrainer, check_selection, correlation, plot, reference_loss, select_examples, summarize
+from msif.loo import (
+    Retrainer,
+    check_selection,
+    correlation,
+    noise,
+    plot,
+    reference_losses,
+    select_examples,
+    summarize,
+)
 from msif.runs import RunFolder
 from msif.stages.finetune import finetuned
-from msif.stages.influence import INFLUENCE, InfluenceResult, influence
+from msif.stages.influence import INFLUENCE, InfluenceResult, influence, report_reliability, stability
 from msif.summaries import loo_table
 from msif.targets import predict, require_multi_stage, select_targets
 
 # loo settings that cannot change the results (finetune_start only matters when the embedding is finetuned)
 NOT_IN_SIGNATURE = {"fixed": ("workers", "finetune_start"), "updated": ("workers",)}
 DRIFT_WARNING = 0.05  # |L_T(reference retrain) / L_T(trained model) - 1| above which validate-loo warns
-BASE_COLUMNS = ["index", "source_index", "label", "class_name", "score", "predicted_effect", "actual_effect", "seconds"]
+BASE_COLUMNS = [
+    "index",
+    "source_index",
+    "label",
+    "class_name",
+    "exposure",
+    "score",
+    "predicted_effect",
+    "actual_effect",
+    "seconds",
+]
 
 
 @dataclass
@@ -64,7 +83,8 @@ class ValidateLoo(Stage):
 
     def upstream(self, cfg: DictConfig, ctx: Context) -> Scored:
         name = cfg.loo.get("compare")
-        return Scored(influence(cfg, ctx), influence(compare_config(cfg, name), ctx) if name else None)
+        main = influence(cfg, ctx, verdict=False)
+        return Scored(main, influence(compare_config(cfg, name), ctx, verdict=False) if name else None)
 
     def settings(self, cfg: DictConfig, up: Scored) -> dict[str, Any]:
         return {
@@ -81,13 +101,16 @@ class ValidateLoo(Stage):
         pre_set, m = tasks.pretrain.train, len(tasks.pretrain.train)
         selection = select_examples(up.main.scores, cfg.loo, m)
         compare = cfg.loo.get("compare")
-        columns = BASE_COLUMNS + ([f"{compare}_score", f"{compare}_predicted_effect"] if compare else [])
+        retrainer = make_retrainer(cfg, ctx)
+        seeds = retrainer.seeds()
+        repeats = [f"actual_effect_r{i}" for i in range(len(seeds))] if len(seeds) > 1 else []
+        columns = BASE_COLUMNS + repeats + ([f"{compare}_score", f"{compare}_predicted_effect"] if compare else [])
         wanted = set(selection)
         table = ResumableRows(
             folder.path / "loo.csv",
             columns,
             key=["index"],
-            numeric=["index", "score", "predicted_effect", "actual_effect"],
+            numeric=["index", "exposure", "score", "predicted_effect", "actual_effect", *repeats],
             valid=lambda f: (
                 None
                 if set(f["index"]) <= wanted
@@ -95,13 +118,16 @@ class ValidateLoo(Stage):
             ),
         )
         todo = [z for z in selection if (z,) not in table]
+        steps, examples = retrainer.pretrain_schedule()
+        passes = f" ({examples // m} whole passes)" if examples else ""
         say(
-            f"validate-loo ({cfg.case.name}): {len(selection)} examples, K_p={cfg.loo.pretrain_steps} pretrain + "
-            f"K_f={cfg.loo.finetune_steps} finetune steps per retrain; {table.done} already done in {table.csv}, "
-            f"{len(todo)} to go"
+            f"validate-loo ({cfg.case.name}): {len(selection)} examples × {len(seeds)} retrain seeds, K_p={steps} "
+            f"pretrain steps{passes} + K_f={cfg.loo.finetune_steps} finetune steps per retrain, z removed by "
+            f"{cfg.loo.removal}; {table.done} already done in {table.csv}, {len(todo)} to go"
         )
-        retrainer = make_retrainer(cfg, ctx)
-        reference = reference_loss(cfg, retrainer, folder.path)
+        references = reference_losses(cfg, retrainer, folder.path)
+        reference = float(sum(references) / len(references))
+        counts = sum(retrainer.exposure(seed).double() for seed in seeds) / len(seeds)
         original = retrainer.original_test_loss()
         drift = (reference - original) / abs(original)
         if abs(drift) > DRIFT_WARNING:
@@ -113,17 +139,21 @@ class ValidateLoo(Stage):
         scores = up.main.scores.set_index("index")["score"]
         other = up.compared.scores.set_index("index")["score"] if up.compared else None
 
-        def row(z: int, loss: float, seconds: float) -> dict:
+        def row(z: int, losses: list[float], seconds: float) -> dict:
+            effects = [loss - ref for loss, ref in zip(losses, references, strict=True)]  # each against its pair
             r = {
                 "index": z,
                 "source_index": int(pre_set.source_index[z]),
                 "label": int(pre_set.y[z]),
                 "class_name": pre_set.class_names[int(pre_set.y[z])],
+                "exposure": float(counts[z]),
                 "score": float(scores[z]),
                 "predicted_effect": -float(scores[z]) / m,
-                "actual_effect": loss - reference,
+                "actual_effect": sum(effects) / len(effects),
                 "seconds": seconds,
             }
+            if repeats:
+                r |= dict(zip(repeats, effects, strict=True))
             if other is not None:
                 r[f"{compare}_score"] = float(other[z])
                 r[f"{compare}_predicted_effect"] = -float(other[z]) / m
@@ -135,8 +165,8 @@ class ValidateLoo(Stage):
         with progress() as bar:
             task = bar.add_task("leave-one-out retrains", total=len(selection), completed=table.done, info="")
             jobs = [(z,) for z in todo]
-            for z, loss, seconds in run_jobs(jobs, workers, threads, cfg, make_retrainer, retrain, here=retrainer):
-                table.append(row(z, loss, seconds))
+            for z, losses, seconds in run_jobs(jobs, workers, threads, cfg, make_retrainer, retrain, here=retrainer):
+                table.append(row(z, losses, seconds))
                 frame = table.frame()
                 r = correlation(frame["predicted_effect"].to_numpy(), frame["actual_effect"].to_numpy(), resamples=0)
                 rate = (len(table.rows) - table.done) / max(time.perf_counter() - start, 1e-9) * 60
@@ -147,6 +177,16 @@ class ValidateLoo(Stage):
         frame = frame.sort_values("order").drop(columns="order").reset_index(drop=True)
         atomic_write_text(frame.to_csv(index=False), table.csv)  # final: in selection order, whatever finished first
         summary = summarize(cfg, frame, compare, reference, up.main, up.compared, m)
+        summary["pretrain_steps"], summary["pretrain_examples"] = steps, examples
+        summary["removal"] = cfg.loo.removal
+        summary["exposure"] = {
+            "min": float(counts.min()),
+            "max": float(counts.max()),
+            "mean": float(counts.mean()),
+            "equal": bool(counts.min() == counts.max()),
+        }
+        summary["noise"] = noise(frame, references, summary["correlation"]["msif"]["pearson_r"])
+        summary["stability"] = stability(cfg, ctx, up.main)
         summary["original_test_loss"] = original
         summary["reference_drift"] = drift
         summary["retrain_optimizer"] = {
@@ -160,7 +200,9 @@ class ValidateLoo(Stage):
             f"for the trained model ({100 * summary['reference_drift']:+.2f}%)"
         )
         console.print(loo_table(summary))
+        say(noise_line(summary["noise"], summary["correlation"]["msif"]["pearson_r"]))
         say(f"saved {table.csv}, {folder.path / 'loo.png'}, {folder.path / 'loo_summary.json'}")
+        report_reliability(up.main, summary["stability"])
         return LooResult(folder.path, frame, summary)
 
 
@@ -192,10 +234,22 @@ def make_retrainer(cfg: DictConfig, ctx: Context) -> Retrainer:
     return Retrainer(cfg, ctx.tasks(cfg), pre, fin, ctx.device, targets)
 
 
-def retrain(retrainer: Retrainer, z: int) -> tuple[int, float, float]:
-    """(z, L_T without z, seconds) for one leave-one-out retrain."""
+def retrain(retrainer: Retrainer, z: int) -> tuple[int, list[float], float]:
+    """(z, L_T without z under each retrain seed, seconds) for one example's leave-one-out retrains."""
     start = time.perf_counter()
-    return z, retrainer.test_loss(z), time.perf_counter() - start
+    return z, [retrainer.test_loss(z, seed=seed) for seed in retrainer.seeds()], time.perf_counter() - start
+
+
+def noise_line(found: dict, r: float) -> str:
+    """The noise ceiling of r, in words."""
+    if found.get("ceiling") is None:
+        return f"noise: {found.get('note', 'not measured')}"
+    return (
+        f"noise: {found['repeats']} retrain seeds; reference L_T spread {found['reference_spread']:.3g}, test–retest "
+        f"r of ΔL_T = {found['test_retest_r']:.3f}, so no predictor can exceed r ≈ {found['ceiling']:.3f} against "
+        f"their mean; msif's r = {r:.3f}"
+        + (f" ({found['r_over_ceiling']:.2f} of it)" if found["r_over_ceiling"] else "")
+    )
 
 
 __all__ = ["LooResult", "compare_config", "validate_loo"]
