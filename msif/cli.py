@@ -36,6 +36,10 @@ STAGES = {
         "check predicted influence against leave-one-out retraining (Pearson r)", "msif.stages:validate_loo"
     ),
     "cleanse": Stage("remove the most harmful pretraining examples, retrain, compare accuracy", "msif.stages:cleanse"),
+    "planted-faults": Stage(
+        "flip a share of pretraining labels, retrain, and measure how many the scores find",
+        "msif.stages:planted_faults",
+    ),
     "reproduce": Stage(
         "run the paper's experiments (plan=cpu|paper|tiny) and write REPORT.md", "msif.stages.reproduce:reproduce"
     ),

@@ -198,3 +198,22 @@ def removed_figure(rows, scores, pre, norm, path: Path, title: str, per_row: int
         path,
         f"{title}: the {len(cells)} most harmful pretraining images (largest I), removed by cleanse",
     )
+
+
+def fault_curve(found: dict, path: Path, title: str) -> None:
+    """faults.png: the share of the flipped examples found against the share of the pretraining set inspected,
+    in score order and in |score| order, with the random ordering (the diagonal)."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    q = np.asarray(found["curve_inspected"])
+    ax.plot(q, found["by_score_curve"], label="by score (harmful first)", color="#c0392b")
+    ax.plot(q, found["by_abs_score_curve"], label="by |score|", color="#2471a3", ls="--")
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, label="random order")
+    for p in found["inspect"]:
+        ax.axvline(p, color="0.85", lw=0.8, zorder=0)
+    ax.set_xlabel("fraction of the pretraining set inspected")
+    ax.set_ylabel(f"fraction of the {found['flipped']:,} flipped labels found")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)

@@ -289,6 +289,21 @@ class Cleanse(Influence):
 
 
 @dataclass
+class Faults:
+    fraction: float = above(0.0, 0.05)
+    seed: int = 0
+    inspect: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])
+    cleanse: bool = True
+
+
+@dataclass
+class PlantedFaults(Cleanse):
+    """conf/planted_faults.yaml."""
+
+    faults: Faults = field(default_factory=Faults)
+
+
+@dataclass
 class Reproduce(Base):
     """conf/reproduce.yaml (the plan itself is checked by msif.stages.reproduce)."""
 
@@ -302,6 +317,8 @@ def schema_for(cfg: DictConfig) -> type:
     config: `msif cleanse` runs influence with the cleanse config)."""
     if "plan" in cfg:
         return Reproduce
+    if "faults" in cfg:
+        return PlantedFaults
     if "cleanse" in cfg:
         return Cleanse
     if "loo" in cfg:

@@ -152,3 +152,46 @@ def reliability_table(checks: list, verdict: str) -> Table:
         [[c.what, c.value, f"[{VERDICT_STYLE[c.verdict]}]{c.verdict}[/]", c.advice] for c in checks],
     )
     return t
+
+
+def faults_tables(summary: dict) -> list[Table]:
+    """The share of the planted faults found in the top q, and (with cleansing) the finetune accuracy after each
+    removal, the known answer (the flipped examples removed) included."""
+    found = summary["recovery"]
+    rows = [
+        [
+            f"{100 * float(q):g}%",
+            f"{100 * found['by_score'][f'{q:g}']:.1f}%",
+            f"{100 * found['by_abs_score'][f'{q:g}']:.1f}%",
+        ]
+        for q in found["inspect"]
+    ]
+    out = [
+        table(
+            f"{found['flipped']:,} flipped of {found['m']:,}: found in the top",
+            ["inspected", "by score", "by |score|", "random order"],
+            rows,
+        )
+    ]
+    if "cleanse" in summary:
+        cond = summary["cleanse"]["conditions"]
+        labels = {**CLEANSE_LABELS, "harmful": "top scored removed (as many as flipped)"}
+        acc = [
+            [
+                labels[c],
+                len(cond[c]["seeds"]),
+                f"{100 * cond[c]['test_accuracy_mean']:.2f}% ± {100 * cond[c]['test_accuracy_std']:.2f}",
+            ]
+            for c in ("none", "harmful", "random")
+            if c in cond
+        ]
+        o = summary["oracle"]
+        acc.append(
+            [
+                "the flipped removed (known answer)",
+                len(o["seeds"]),
+                f"{100 * o['test_accuracy_mean']:.2f}% ± {100 * o['test_accuracy_std']:.2f}",
+            ]
+        )
+        out.append(table("finetune test accuracy after retraining both stages", ["removal", "seeds", "accuracy"], acc))
+    return out

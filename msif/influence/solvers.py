@@ -130,7 +130,7 @@ def solve(
     return X, report
 
 
-SPECTRUM_STEPS = 30  # Lanczos steps from a seeded random start for |λ|_max: the extremes converge first
+SPECTRUM_STEPS = 20  # Lanczos steps from a seeded random start for |λ|_max: the extremes converge first
 
 
 def resolve_damping(H, settings: SolverSettings, report: SolveReport | None = None) -> float:

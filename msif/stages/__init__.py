@@ -3,9 +3,10 @@ of a composed config that tests and the Python API call directly; the `msif` com
 wrapper around them."""
 
 from msif.stages.cleanse import cleanse
+from msif.stages.faults import planted_faults
 from msif.stages.finetune import finetune, finetuned
 from msif.stages.influence import influence
 from msif.stages.pretrain import pretrain, pretrained
 from msif.stages.validate_loo import validate_loo
 
-__all__ = ["cleanse", "finetune", "finetuned", "influence", "pretrain", "pretrained", "validate_loo"]
+__all__ = ["cleanse", "finetune", "finetuned", "influence", "planted_faults", "pretrain", "pretrained", "validate_loo"]
