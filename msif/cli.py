@@ -35,6 +35,10 @@ STAGES = {
     "validate-loo": Stage(
         "check predicted influence against leave-one-out retraining (Pearson r)", "msif.stages:validate_loo"
     ),
+    "validate-lds": Stage(
+        "the linear datamodeling score: retrain on random subsets, correlate with predicted group effects",
+        "msif.stages:validate_lds",
+    ),
     "cleanse": Stage("remove the most harmful pretraining examples, retrain, compare accuracy", "msif.stages:cleanse"),
     "planted-faults": Stage(
         "flip a share of pretraining labels, retrain, and measure how many the scores find",

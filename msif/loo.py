@@ -82,13 +82,27 @@ class Retrainer:
 
     def test_loss(
         self,
-        exclude: int | None = None,
+        exclude: int | torch.Tensor | None = None,
         record: list | None = None,
         seed: int | None = None,
         weights: list | None = None,
     ) -> float:
         """L_T after continuing pretraining K_p steps (without `exclude`, removed as `loo.removal` says) and
         finetuning K_f steps, with the batch order of `seed` (the first of `seeds()` when None)."""
+        return self._target_loss(self.retrained(exclude, record, seed, weights))
+
+    def point_losses(self, exclude: int | torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
+        """The loss of every target point (|T|,) after the same retrain as `test_loss`."""
+        return self._point_losses(self.retrained(exclude, None, seed, None))
+
+    def retrained(
+        self,
+        exclude: int | torch.Tensor | None = None,
+        record: list | None = None,
+        seed: int | None = None,
+        weights: list | None = None,
+    ) -> torch.nn.Module:
+        """The finetuned network after the retrain of both stages (see `test_loss`)."""
         cfg, loo, dev = self.recipe, self.cfg.loo, self.device
         seed = self.seeds()[0] if seed is None else int(seed)
         pre_set, fin_set = self.tasks.pretrain.train, self.tasks.finetune.train
@@ -135,11 +149,22 @@ class Retrainer:
             steps=int(loo.finetune_steps),
             show_progress=False,
         )
-        return self._target_loss(net)
+        return net
 
     def original_test_loss(self) -> float:
         """L_T of the finetuned model as trained (the paper's plain reference)."""
         return self._target_loss(copy.deepcopy(self.fin.net).to(self.device))
+
+    def _point_losses(self, net: torch.nn.Module) -> torch.Tensor:
+        test, bs, dev = self.tasks.finetune.test, self.cfg.train.eval_batch_size, self.device
+        xt, yt = test.x[self.targets], test.y[self.targets]
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    F.cross_entropy(net(xt[i : i + bs].to(dev)), yt[i : i + bs].to(dev), reduction="none").cpu()
+                    for i in range(0, len(yt), bs)
+                ]
+            )
 
     def _target_loss(self, net: torch.nn.Module) -> float:
         test, bs, dev = self.tasks.finetune.test, self.cfg.train.eval_batch_size, self.device

@@ -85,9 +85,26 @@ def influence_grid(rows: list[tuple[str, list[tuple[np.ndarray, str, str]]]], pa
     _save(fig, path)
 
 
-def loo_scatter(panels: list[tuple[str, np.ndarray, dict]], actual: np.ndarray, path: Path, title: str) -> None:
+LOO_AXES = (
+    "actual ΔL_T = L_T(without z) − L_T(reference)  [nats, summed over T]",
+    "predicted ΔL_T = −I(z, T) / m  [nats]",
+)
+LDS_AXES = (
+    "actual ΔL_T = L_T(subset) − L_T(reference)  [nats, summed over T]",
+    "predicted Σ_{z left out} −I(z, T) / m  [nats]",
+)
+
+
+def loo_scatter(
+    panels: list[tuple[str, np.ndarray, dict]],
+    actual: np.ndarray,
+    path: Path,
+    title: str,
+    metric: tuple[str, str] = ("Pearson r", "pearson_r"),
+    axes_labels: tuple[str, str] = LOO_AXES,
+) -> None:
     """Predicted −I/m against the actual leave-one-out change of L_T, one panel per score set (Figures 2 and 3),
-    with the least-squares line and Pearson's r."""
+    with the least-squares line and Pearson's r (or the `metric` named: the LDS's Spearman ρ)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
     for ax, (label, predicted, stats) in zip(axes[0], panels, strict=True):
         ax.scatter(actual, predicted, s=14, alpha=0.75)
@@ -97,11 +114,12 @@ def loo_scatter(panels: list[tuple[str, np.ndarray, dict]], actual: np.ndarray, 
             ax.legend(fontsize=7, loc="upper left")
         ax.axhline(0, color="grey", lw=0.5)
         ax.axvline(0, color="grey", lw=0.5)
-        ci = stats.get("pearson_r_ci95")
+        name, key = metric
+        ci = stats.get(f"{key}_ci95")
         ci_text = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
-        ax.set_title(f"{label}: Pearson r = {stats['pearson_r']:+.3f}{ci_text}", fontsize=9)
-        ax.set_xlabel("actual ΔL_T = L_T(without z) − L_T(reference)  [nats, summed over T]", fontsize=8)
-        ax.set_ylabel("predicted ΔL_T = −I(z, T) / m  [nats]", fontsize=8)
+        ax.set_title(f"{label}: {name} = {stats[key]:+.3f}{ci_text}", fontsize=9)
+        ax.set_xlabel(axes_labels[0], fontsize=8)
+        ax.set_ylabel(axes_labels[1], fontsize=8)
         ax.ticklabel_format(style="sci", scilimits=(-3, 3))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))

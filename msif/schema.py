@@ -264,6 +264,24 @@ class ValidateLoo(Influence):
 
 
 @dataclass
+class LdsSettings:
+    subsets: int = at_least(3, 100)
+    alpha: float = above(0.0, 0.5)
+    seed: int = 0
+    baselines: list[str] | None = None
+    workers: int = at_least(1, 1)
+    threads: int | None = at_least(1, None)
+    bootstrap: int = at_least(0, 2000)
+
+
+@dataclass
+class ValidateLds(ValidateLoo):
+    """conf/validate_lds.yaml."""
+
+    lds: LdsSettings = field(default_factory=LdsSettings)
+
+
+@dataclass
 class CleanseSettings:
     fraction: float = above(0.0, 0.1)
     seeds: Any = field(default_factory=lambda: [0, 1, 2])  # a list of distinct integers (checked by the stage)
@@ -319,6 +337,8 @@ def schema_for(cfg: DictConfig) -> type:
         return Reproduce
     if "faults" in cfg:
         return PlantedFaults
+    if "lds" in cfg:
+        return ValidateLds
     if "cleanse" in cfg:
         return Cleanse
     if "loo" in cfg:

@@ -195,3 +195,27 @@ def faults_tables(summary: dict) -> list[Table]:
         )
         out.append(table("finetune test accuracy after retraining both stages", ["removal", "seeds", "accuracy"], acc))
     return out
+
+
+def lds_table(summary: dict) -> Table:
+    """The LDS of msif's scores and of the baselines on the same subset retrains, with intervals."""
+    rows = []
+    for name, s in summary["lds"].items():
+        ci = s.get("lds_ci95")
+        rows.append(
+            [name, s["n"], f"{s['lds']:+.3f}", f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "-", f"{s['pearson_r']:+.3f}"]
+        )
+    per = summary.get("per_test")
+    t = table(
+        f"linear datamodeling score ({summary['dataset']}, case {summary['case']}, {summary['subsets']} subsets "
+        f"keeping {100 * summary['alpha']:g}%, {summary['retrain_seconds']['mean']:.1f} s per retrain)",
+        ["scores", "subsets", "LDS (Spearman ρ)", "95% CI", "Pearson r"],
+        rows,
+    )
+    if per:
+        t.caption = (
+            f"per test point ({per['points']}): mean LDS {per['mean']:+.3f}, median {per['quantiles']['50%']:+.3f}, "
+            f"quartiles [{per['quantiles']['25%']:+.3f}, {per['quantiles']['75%']:+.3f}]"
+        )
+        t.caption_justify = "left"
+    return t

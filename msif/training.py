@@ -87,7 +87,7 @@ def fit(
     *,
     steps: int | None = None,
     examples: int | None = None,
-    exclude: int | None = None,
+    exclude: int | torch.Tensor | None = None,
     removal: str = "zero_weight",
     record: list[torch.Tensor] | None = None,
     weights: list[torch.Tensor] | None = None,
@@ -96,17 +96,22 @@ def fit(
     """Minimise mean cross-entropy of `model(x)` (+ `penalty()`) over `params` for `t.steps` (or `steps`) steps
     (`examples`: stop after that many examples, see `batch_schedule`).
 
-    `exclude` removes one example (a row of x) from every batch it would appear in, leaving the batch order of all
-    other examples unchanged: the leave-one-out retrain differs from its reference in that example alone. `removal`
-    says how: `zero_weight` (the default) gives it weight zero and keeps every other example's weight 1/b, as the
-    influence function's removal (ε = −1/m in G) does; `drop` takes the mean over the b − 1 others, which
-    up-weights each of them by b/(b − 1): an extra step along that batch's mean gradient that z has no part in.
+    `exclude` removes one example (a row of x), or a set of rows, from every batch it would appear in, leaving the
+    batch order of all other examples unchanged: the leave-one-out retrain differs from its reference in that
+    example alone. `removal` says how: `zero_weight` (the default) gives it weight zero and keeps every other
+    example's weight 1/b, as the influence function's removal (ε = −1/m in G) does; `drop` takes the mean over the
+    others, which up-weights each of them by b/(b − 1): an extra step along that batch's mean gradient that z has
+    no part in.
     `record` receives each step's batch indices (without the excluded example), `weights` each step's per-example
     loss weights over the whole batch (z included, with its weight). Returns the mean training loss over the last
     10% of steps, the wall time and the throughput.
     """
     if removal not in REMOVALS:
         raise ValueError(f"removal must be one of {REMOVALS}, not {removal!r}")
+    excluded = None  # rows removed from every batch: one example (leave-one-out) or a set (LDS subsets)
+    if exclude is not None:
+        excluded = torch.zeros(len(y), dtype=torch.bool)
+        excluded[torch.as_tensor(exclude, dtype=torch.long)] = True
     steps = t.steps if steps is None else steps
     opt = make_optimizer(params, t)
     losses: list[float] = []
@@ -117,15 +122,16 @@ def fit(
         task = bar.add_task(description, total=steps, info="") if show_progress else None
         for step, idx in enumerate(batch_schedule(len(y), t.batch_size, steps, seed, examples)):
             b = len(idx)
-            hit = exclude is not None and bool((idx == exclude).any())
+            out = excluded[idx] if excluded is not None else None
+            hit = out is not None and bool(out.any())
             if weights is not None:
                 w = torch.full((b,), 1.0 / b, dtype=torch.float64)
                 if hit:
-                    other = 1.0 / b if removal == "zero_weight" else 1.0 / max(b - 1, 1)
-                    w = torch.where(idx == exclude, 0.0, other).double()
+                    other = 1.0 / b if removal == "zero_weight" else 1.0 / max(b - int(out.sum()), 1)
+                    w = torch.where(out, 0.0, other).double()
                 weights.append(w)
             if hit:
-                idx = idx[idx != exclude]
+                idx = idx[~out]
             if record is not None:
                 record.append(idx)
             if len(idx) == 0:

@@ -7,6 +7,17 @@ from msif.stages.faults import planted_faults
 from msif.stages.finetune import finetune, finetuned
 from msif.stages.influence import influence
 from msif.stages.pretrain import pretrain, pretrained
+from msif.stages.validate_lds import validate_lds
 from msif.stages.validate_loo import validate_loo
 
-__all__ = ["cleanse", "finetune", "finetuned", "influence", "planted_faults", "pretrain", "pretrained", "validate_loo"]
+__all__ = [
+    "cleanse",
+    "finetune",
+    "finetuned",
+    "influence",
+    "planted_faults",
+    "pretrain",
+    "pretrained",
+    "validate_lds",
+    "validate_loo",
+]
