@@ -104,7 +104,7 @@ def test_msif_influence_mode_single_stage_scores_the_pretrained_network_on_its_o
     test = s.tasks(cfg).pretrain.test
     assert result.summary["target"]["size"] == len(test)
     direct = SingleStageInfluence(
-        pre.net, s.tasks(cfg).pretrain.train, solver={"method": "exact", "damping": 1e-3}, hessian_sample=None
+        pre.net, s.tasks(cfg).pretrain.train, solver={"method": "exact", "relative_damping": 0.1}, hessian_sample=None
     ).influence(test.x, test.y)
     assert torch.allclose(torch.tensor(result.scores["score"].to_numpy()), direct, rtol=1e-10, atol=1e-12)
     multi = influence(compose_cfg("influence", overrides[:-1]))
