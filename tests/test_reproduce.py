@@ -21,7 +21,7 @@ def test_the_tiny_plan_makes_every_figure_and_the_report_table(env, tmp_path):
     text = path.read_text()
     ids = [e.id for e in cfg.plan.experiments]
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| experiment")]
-    assert len(rows) == len(ids) == 7
+    assert len(rows) == len(ids) == 9
     for row in rows:
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]]
         assert len(cells) == 6 and all(cells), row  # title, paper, msif, settings, compute, this run
@@ -74,6 +74,7 @@ def test_every_experiment_of_every_plan_composes_and_validates(plan):
 
     cfg = compose_stage("reproduce", [f"plan={plan}"])
     stages = {"loo": "validate-loo", "identity": "validate-loo", "per_test": "influence", "histograms": "influence"}
+    stages |= {"lds": "validate-lds", "faults": "planted-faults"}
     assert {e.id for e in cfg.plan.experiments} >= {"fig2a", "fig2c", "fig3", "fig4", "fig5", "fig6", "cleanse"}
     for e in cfg.plan.experiments:
         assert e.kind in HANDLERS

@@ -24,7 +24,7 @@ from msif.errors import MsifError
 from msif.report import Entry, seconds, write_report
 from msif.runs import read_json
 
-KINDS = ("loo", "identity", "per_test", "histograms", "cleanse")
+KINDS = ("loo", "identity", "per_test", "histograms", "cleanse", "lds", "faults")
 
 
 @dataclass
@@ -140,8 +140,13 @@ def _settings(cfg: DictConfig, *keys: str) -> str:
     parts = [f"{cfg.dataset.name}, case {cfg.case.name}"]
     values = {
         "solver": lambda: (
-            f"{cfg.solver.pretrain.method} λ={cfg.solver.pretrain.damping:g}/{cfg.solver.finetune.damping:g}"
-            f" ({cfg.solver.pretrain.iterations} it)"
+            f"{cfg.solver.pretrain.method} "
+            + (
+                f"ρ={cfg.solver.pretrain.relative_damping:g}/{cfg.solver.finetune.relative_damping:g}·|λ|max"
+                if cfg.solver.pretrain.get("relative_damping") is not None
+                else f"λ={cfg.solver.pretrain.damping:g}/{cfg.solver.finetune.damping:g}"
+            )
+            + f" ({cfg.solver.pretrain.get('iterations', '-')} it)"
         ),
         "hessian": lambda: f"H_G on {cfg.hessian.pretrain_sample} examples",
         "steps": lambda: f"{cfg.train.pretrain.steps}/{cfg.train.finetune.steps} train steps",
@@ -179,11 +184,15 @@ def _loo(ctx: Context, e: DictConfig) -> Entry:
         f"{e.title}: k = {s['k']}",
     )
     ci = stats.get("pearson_r_ci95") or [float("nan")] * 2
+    ceiling = (s.get("noise") or {}).get("ceiling")
+    stable = s.get("stability") or {}
     return Entry(
         e.id,
         e.title,
         str(e.paper),
-        f"r = {stats['pearson_r']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}], ρ = {stats['spearman_rho']:.2f}",
+        f"r = {stats['pearson_r']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}], ρ = {stats['spearman_rho']:.2f}"
+        + (f"; noise ceiling {ceiling:.2f}" if ceiling else "")
+        + (f"; stability r {stable['pearson_r']:.3f}" if stable else ""),
         _settings(cfg, "loo", "solver") + f"; reference drift {100 * s.get('reference_drift', 0.0):+.1f}%",
         compute,
         [figure.name],
@@ -276,12 +285,72 @@ def _cleanse(ctx: Context, e: DictConfig) -> Entry:
     return Entry(e.id, e.title, str(e.paper), measured, settings, compute, figures, [str(result.path)])
 
 
+def _lds(ctx: Context, e: DictConfig) -> Entry:
+    from msif.stages import validate_lds
+
+    cfg = ctx.compose("validate-lds", list(e.overrides))
+    compute, run_context = ctx.count_upstream(cfg)
+    result = validate_lds(cfg, run_context)
+    s = result.summary
+    compute += ctx.count(result.path, s["retrain_seconds"]["total"])
+    figure = f"{e.id}_lds.png"
+    shutil.copyfile(result.path / "lds.png", ctx.figures / figure)
+
+    def one(name: str) -> str:
+        x = s["lds"][name]
+        ci = x.get("lds_ci95") or [float("nan")] * 2
+        return f"{name} {x['lds']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+    measured = "LDS: " + ", ".join(one(n) for n in s["lds"])
+    settings = _settings(cfg, "solver") + f"; {s['subsets']} subsets keeping {100 * s['alpha']:g}%"
+    return Entry(e.id, e.title, str(e.paper), measured, settings, compute, [figure], [str(result.path)])
+
+
+def _faults(ctx: Context, e: DictConfig) -> Entry:
+    from msif.stages import planted_faults
+
+    cfg = ctx.compose("planted-faults", list(e.overrides))
+    if ctx.run_context is None:
+        from msif.lifecycle import Context as RunContext
+
+        ctx.run_context = RunContext(cfg)
+    result = planted_faults(cfg, ctx.run_context)
+    s = result.summary
+    compute = 0.0
+    influence_run = Path(s["influence_run"])
+    for folder in (influence_run.parent.parent, influence_run.parent):  # the damaged pretrain and finetune runs
+        compute += ctx.count(folder, read_json(folder / "metrics.json").get("seconds"))
+    compute += ctx.count(influence_run, read_json(influence_run / "summary.json")["seconds"]["total"])
+    if "cleanse" in s:
+        import pandas as pd
+
+        cleansed = Path(s["cleanse"]["run"])
+        compute += ctx.count(cleansed, float(pd.read_csv(cleansed / "cleanse.csv")["seconds"].sum()))
+        compute += ctx.count(result.path, float(pd.read_csv(result.path / "oracle.csv")["seconds"].sum()))
+    figure = f"{e.id}_faults.png"
+    shutil.copyfile(result.path / "faults.png", ctx.figures / figure)
+    found = s["recovery"]
+    measured = ", ".join(f"{100 * found['by_score'][f'{q:g}']:.0f}% in the top {100 * q:g}%" for q in found["inspect"])
+    measured = f"{found['flipped']:,} flipped: " + measured
+    if "cleanse" in s:
+        c, o = s["cleanse"]["conditions"], s["oracle"]
+        measured += (
+            f"; finetune accuracy: no removal {100 * c['none']['test_accuracy_mean']:.2f}%, top scored removed "
+            f"{100 * c['harmful']['test_accuracy_mean']:.2f}%, random {100 * c['random']['test_accuracy_mean']:.2f}%,"
+            f" the flipped removed {100 * o['test_accuracy_mean']:.2f}%"
+        )
+    settings = _settings(cfg, "solver") + f"; {100 * s['fraction']:g}% of the labels flipped (seed {s['seed']})"
+    return Entry(e.id, e.title, str(e.paper), measured, settings, compute, [figure], [str(result.path)])
+
+
 HANDLERS: dict[str, Callable[[Context, DictConfig], Entry]] = {
     "loo": _loo,
     "identity": _loo,  # the same validate-loo run, scored with loo.compare=identity (Figure 3)
     "per_test": _per_test,
     "histograms": _histograms,
     "cleanse": _cleanse,
+    "lds": _lds,
+    "faults": _faults,
 }
 
 __all__ = ["compose_stage", "reproduce"]
