@@ -124,3 +124,24 @@ def ritz_curvature(H: CurvatureSource, rank: int, seed: int = 0) -> RitzCurvatur
             )
     memo[key] = curv
     return curv
+
+
+def largest_eigenvalue(H: CurvatureSource, steps: int = 20, seed: int = 0) -> float:
+    """|λ|max of H: the largest |Ritz value| of `steps` Lanczos steps from a seeded random start (the extremes of the
+    spectrum converge first). Kept in memory and, as a few numbers (not the vectors), in `H.cache_dir`."""
+    key = ("largest", int(steps), int(seed))
+    memo = H.ritz_pairs
+    if key in memo:
+        return memo[key]
+    cache_dir = H.cache_dir
+    file = Path(cache_dir) / f"spectrum-{H.fingerprint()}-r{steps}-s{seed}.pt" if cache_dir else None
+    saved = load_tensors(file) if file is not None and file.exists() else None
+    if saved is not None and saved.get("format") == FORMAT:
+        values = saved["values"]
+    else:
+        values = fit_ritz(H, steps, seed).values
+        log.info("spectrum: %d Ritz values in [%.3g, %.3g]", len(values), float(values.min()), float(values.max()))
+        if file is not None and distributed.is_main():
+            atomic_torch_save({"format": FORMAT, "values": values.cpu(), "fingerprint": H.fingerprint()}, file)
+    memo[key] = top = float(values.abs().max())
+    return top

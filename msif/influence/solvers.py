@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from msif.errors import SolverError, UnconvergedSolveWarning
-from msif.influence.curvature import ritz_curvature
+from msif.influence.curvature import largest_eigenvalue, ritz_curvature
 from msif.influence.krylov import Krylov
 from msif.influence.settings import (
     CGSettings,
@@ -141,8 +141,10 @@ def resolve_damping(H, settings: SolverSettings, report: SolveReport | None = No
     rho = settings.relative_damping
     if rho is None or settings.method == "identity":
         return float(settings.damping)
-    rank, seed = (settings.rank, settings.seed) if isinstance(settings, LowrankSettings) else (SPECTRUM_STEPS, 0)
-    top = float(ritz_curvature(H, rank, seed).values.abs().max())
+    if isinstance(settings, LowrankSettings):  # its own Ritz pairs hold the top of the spectrum already
+        top = float(ritz_curvature(H, settings.rank, settings.seed).values.abs().max())
+    else:
+        top = largest_eigenvalue(H, SPECTRUM_STEPS, 0)
     if report is not None:
         report.largest_eigenvalue, report.relative_damping = top, float(rho)
     scale = float(rho) * top
