@@ -151,6 +151,11 @@ def reliability_table(checks: list, verdict: str) -> Table:
         ["check", "value", "verdict", "advice"],
         [[c.what, c.value, f"[{VERDICT_STYLE[c.verdict]}]{c.verdict}[/]", c.advice] for c in checks],
     )
+    t.caption = (
+        "The residual of the system each solver solved decides whether its ranking is converged; ‖Hx − b‖/‖b‖ in "
+        "the solve table is how far the damped solve is from an exact inverse, large by design where H is damped."
+    )
+    t.caption_justify = "left"
     return t
 
 

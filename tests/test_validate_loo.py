@@ -131,6 +131,10 @@ def test_outputs_and_the_identity_ablation(env, tmp_path, prebuilt):
     assert (folder / "loo.png").stat().st_size > 5000 and (folder / "reference.json").exists()
     again = ok(msif(["validate-loo", *FAST, "loo.compare=identity"]))
     assert "4 already done" in again.stdout and "0 to go" in again.stdout
+    assert "noise: 2 retrain seeds" in proc.stdout and "test–retest" in proc.stdout
+    # the influence run's verdict now includes this validate-loo run's r (and its noise ceiling)
+    verdict = ok(msif(["influence", *FAST[:1]]))
+    assert f"r = {summary['correlation']['msif']['pearson_r']:.3f} over 4 retrains" in verdict.stdout
 
 
 def test_selection_mixes_the_largest_scores_with_a_seeded_random_draw():
