@@ -78,7 +78,9 @@ def reliability(summary: dict, stability: dict | None, loo: dict | None) -> list
                 f"(profile.relative_damping.{s['label']})",
             )
         )
-    if stability is None:
+    if stability is not None and stability.get("full_sample"):
+        checks.append(Check("stability", "exact: both Hessians sum over every example", "good"))
+    elif stability is None:
         checks.append(
             Check("stability", "not measured", "unknown", "check.stability=true scores an independent Hessian sample")
         )

@@ -83,4 +83,6 @@ def test_check_stability_scores_an_independent_sample_and_keeps_the_agreement(en
 def test_with_every_example_in_both_hessians_there_is_no_sample_to_vary(env, prebuilt):
     prebuilt("finetune", TINY[:1])
     proc = ok(msif(["influence", *TINY, "check.stability=true"]))  # tiny: both Hessians over all examples
-    assert "no sample can change the scores" in proc.stdout
+    assert "no sample can change the scores" in proc.stdout and "exact: both Hessians sum over every" in proc.stdout
+    checks = reliability({"solves": []}, {"full_sample": True}, None)
+    assert [c.verdict for c in checks if c.what == "stability"] == ["good"]

@@ -181,15 +181,16 @@ def influence(cfg: DictConfig, ctx: Context | None = None, verdict: bool = True)
 
 def stability(cfg: DictConfig, ctx: Context, result: InfluenceResult) -> dict | None:
     """The agreement of this run's scores with those of the same run on an independent Hessian sample
-    (`hessian.seed` + 1, both Hessians), kept in `<run>/stability.json` by the other run's folder; None when no
-    Hessian is sampled (every example in both), so that there is nothing to vary."""
+    (`hessian.seed` + 1, both Hessians), kept in `<run>/stability.json` by the other run's folder;
+    {"full_sample": True} when no Hessian is sampled (every example in both): nothing can vary; None for per-test
+    targets (not measured)."""
     single = is_single_stage(cfg)
     full_pre = cfg.hessian.pretrain_sample is None or cfg.hessian.pretrain_sample >= result.summary["m"]
     n = result.summary.get("n")
     full_fin = single or cfg.hessian.finetune_sample is None or (n is not None and cfg.hessian.finetune_sample >= n)
     if full_pre and full_fin:
         say("stability: both Hessians sum over every example, so no sample can change the scores")
-        return None
+        return {"full_sample": True}
     if cfg.target.per_test:
         say("stability: measured on summed targets only (target.per_test=false)")
         return None

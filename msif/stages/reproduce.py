@@ -192,7 +192,7 @@ def _loo(ctx: Context, e: DictConfig) -> Entry:
         str(e.paper),
         f"r = {stats['pearson_r']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}], ρ = {stats['spearman_rho']:.2f}"
         + (f"; noise ceiling {ceiling:.2f}" if ceiling else "")
-        + (f"; stability r {stable['pearson_r']:.3f}" if stable else ""),
+        + (f"; stability r {stable['pearson_r']:.3f}" if "pearson_r" in stable else ""),
         _settings(cfg, "loo", "solver") + f"; reference drift {100 * s.get('reference_drift', 0.0):+.1f}%",
         compute,
         [figure.name],
