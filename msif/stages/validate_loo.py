@@ -119,7 +119,7 @@ class ValidateLoo(Stage):
         )
         todo = [z for z in selection if (z,) not in table]
         steps, examples = retrainer.pretrain_schedule()
-        passes = f" ({examples // m} whole passes)" if examples else ""
+        passes = f" ({examples // m} whole pass{'es' if examples // m != 1 else ''})" if examples else ""
         say(
             f"validate-loo ({cfg.case.name}): {len(selection)} examples × {len(seeds)} retrain seeds, K_p={steps} "
             f"pretrain steps{passes} + K_f={cfg.loo.finetune_steps} finetune steps per retrain, z removed by "
