@@ -168,6 +168,7 @@ def faults_tables(summary: dict) -> list[Table]:
             f"{100 * float(q):g}%",
             f"{100 * found['by_score'][f'{q:g}']:.1f}%",
             f"{100 * found['by_abs_score'][f'{q:g}']:.1f}%",
+            f"{100 * float(q):g}%",  # a random ordering finds a share q in the top q
         ]
         for q in found["inspect"]
     ]

@@ -42,7 +42,8 @@ def test_recovery_counts_the_flipped_rows_among_the_top_scores():
 
 def test_planted_faults_end_to_end_on_tiny(env, tmp_path):
     proc = ok(msif(["planted-faults", "dataset=tiny", "cleanse.seeds=[0,1]", "output.plots=false"]))
-    assert "flipped of 180" in proc.stdout and "known answer" in proc.stdout
+    assert "flipped of 180" in proc.stdout and "known answer" in proc.stdout and "random order" in proc.stdout
+    assert "│ 10%       │" in proc.stdout and proc.stdout.count("10%") >= 2  # the inspected share, and random's
     folder = next((tmp_path / "outputs").rglob("faults_summary.json")).parent
     summary = json.loads((folder / "faults_summary.json").read_text())
     table = pd.read_csv(folder / "faults.csv")

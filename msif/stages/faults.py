@@ -105,7 +105,7 @@ class PlantedFaults(Stage):
     def compute(self, cfg: DictConfig, ctx: Context, up: Damaged, folder: RunFolder) -> FaultsResult:
         tasks = ctx.tasks(up.cfg)
         examples = tasks.pretrain.train
-        m, flipped = len(examples), examples.flipped.numpy()
+        m, flipped = len(examples), np.array(examples.flipped.tolist(), dtype=np.int64)
         inspect = [float(q) for q in to_plain(cfg.faults.inspect)]
         say(
             f"planted faults: {len(flipped):,} of m={m:,} pretraining labels flipped (seed {cfg.faults.seed}); "
