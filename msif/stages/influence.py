@@ -169,12 +169,10 @@ def influence(cfg: DictConfig, ctx: Context | None = None, verdict: bool = True)
     independent Hessian sample and record the agreement (stability.json). Ends with the reliability verdict."""
     ctx = ctx if ctx is not None else Context(cfg)
     result = run(INFLUENCE, cfg, ctx)
-    if not distributed.is_main():
-        return result
     stability_found = None
     if cfg.get("check") is not None and cfg.check.stability:
-        stability_found = stability(cfg, ctx, result)
-    if verdict:
+        stability_found = stability(cfg, ctx, result)  # on every process: under torchrun the second run is shared
+    if verdict and distributed.is_main():
         report_reliability(result, stability_found)
     return result
 
@@ -202,6 +200,8 @@ def stability(cfg: DictConfig, ctx: Context, result: InfluenceResult) -> dict | 
     saved = read_json(file) if file.exists() else {}
     say(f"stability: the same influence on an independent Hessian sample (hessian.seed={other.hessian.seed})")
     second = influence(other, ctx, verdict=False)
+    if not distributed.is_main():
+        return None
     top = max(1, min(int(cfg.check.top), len(result.scores) // 2))
     if saved.get("other_run") == second.path.name and saved.get("top") == top:
         found = saved
