@@ -23,7 +23,7 @@ demo: install  ## the main job on the embedded 8x8 digits (no download): pretrai
 	$(BIN)/msif influence case=fixed
 	$(BIN)/msif influence case=updated
 
-test: install  ## the fast test suite (under 3 minutes on 2 cores)
+test: install  ## the fast test suite (about 3 minutes on 2 cores)
 	$(BIN)/python -m pytest -m "not slow" -q
 
 coverage: install  ## the fast suite under coverage.py (subprocesses included), then the line-coverage report
