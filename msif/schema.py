@@ -141,6 +141,7 @@ class Steps:
 @dataclass
 class LooSteps(Steps):
     pretrain_epochs: int | None = at_least(1, None)  # set: K_p is this many whole passes (equal exposure)
+    lr: float | None = above(0.0, None)  # the retrains' learning rate
 
 
 @dataclass
