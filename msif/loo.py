@@ -275,22 +275,21 @@ def _spearman(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
     return _pearson(rankdata(a, axis=axis), rankdata(b, axis=axis), axis=axis)
 
 
-def reference_losses(cfg: DictConfig, retrainer: Retrainer, path: Path) -> list[float]:
-    """L_T of the reference per retrain seed: the retrain with z under that seed (cached in reference.json), or
-    the original finetuned model (the same for every seed)."""
+def reference_losses(retrainer: Retrainer, path: Path, seeds: list[int], reference: str = "retrain") -> list[float]:
+    """L_T of the reference per retrain seed: the retrain with nothing removed under that seed (`reference`
+    "retrain"), or the original finetuned model ("original", the same for every seed); cached in
+    `path`/reference.json."""
     file = path / "reference.json"
     cached = read_json(file)
-    seeds = retrainer.seeds()
-    if cached.get("reference") == cfg.loo.reference and cached.get("seeds") == seeds and "test_loss" in cached:
+    if cached.get("reference") == reference and cached.get("seeds") == seeds and "test_loss" in cached:
         return [float(v) for v in cached["test_loss"]]
     start = time.perf_counter()
-    if cfg.loo.reference == "retrain":
+    if reference == "retrain":
         losses = [retrainer.test_loss(None, seed=seed) for seed in seeds]
     else:
         losses = [retrainer.original_test_loss()] * len(seeds)
     atomic_write_json(
-        {"reference": cfg.loo.reference, "seeds": seeds, "test_loss": losses, "seconds": time.perf_counter() - start},
-        file,
+        {"reference": reference, "seeds": seeds, "test_loss": losses, "seconds": time.perf_counter() - start}, file
     )
     return losses
 

@@ -15,12 +15,20 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from msif.influence.solvers import NORMAL_SYSTEM
+from msif.summaries import merge_solves
+
 STABLE_R = 0.95  # score vectors from two Hessian samples agree this well: the ranking is the model's, not the sample's
 FAIR_R = 0.8
 GOOD_LOO_R = 0.6  # leave-one-out Pearson r at which the predictions are a usable guide to retraining
 FAIR_LOO_R = 0.3
 GOOD_RESIDUAL = 1e-3  # relative residual of the solved system below which the ranking is converged
 FAIR_RESIDUAL = 3e-2  # above this the IHVP is far from its solution: the ranking is the solver's, not the system's
+
+
+def overlap_size(top: int, n: int) -> int:
+    """How many of the largest scores `agreement` compares: `top`, but at most half of the n examples (at least 1)."""
+    return max(1, min(int(top), n // 2))
 
 
 def agreement(a: pd.DataFrame, b: pd.DataFrame, top: int = 100) -> dict:
@@ -30,7 +38,7 @@ def agreement(a: pd.DataFrame, b: pd.DataFrame, top: int = 100) -> dict:
     y = b.set_index("index")["score"].reindex(x.index)
     if y.isna().any():
         raise ValueError("the two score tables do not score the same pretraining examples")
-    top = max(1, min(int(top), len(x) // 2 or 1))
+    top = overlap_size(top, len(x))
     xa, ya = x.to_numpy(np.float64), y.to_numpy(np.float64)
 
     def overlap(u: np.ndarray, v: np.ndarray) -> int:
@@ -58,7 +66,7 @@ def reliability(summary: dict, stability: dict | None, loo: dict | None) -> list
     """What decides whether an influence run's ranking is usable: each IHVP's residual, the agreement with an
     independent Hessian sample, and the leave-one-out r when a validate-loo run exists; with advice."""
     checks = []
-    for s in _worst_solves(summary.get("solves", [])):
+    for s in merge_solves(summary.get("solves", [])):  # per Hessian, the worst residual over its target blocks
         if s["method"] == "identity":
             checks.append(Check(f"{s['label']} IHVP", "identity (no solve)", "unknown", "an ablation, not a ranking"))
             continue
@@ -66,7 +74,7 @@ def reliability(summary: dict, stability: dict | None, loo: dict | None) -> list
         verdict = "good" if r <= GOOD_RESIDUAL else "fair" if r <= FAIR_RESIDUAL else "poor"
         damping = f"λ = {s['damping']:.3g}"
         if s.get("relative_damping") is not None:
-            damping += f" = ({s['relative_damping']:g}·|λ|max)" + ("²" if "H²" in s.get("system", "") else "")
+            damping += f" = ({s['relative_damping']:g}·|λ|max)" + ("²" if s.get("system") == NORMAL_SYSTEM else "")
         checks.append(
             Check(
                 f"{s['label']} IHVP residual",
@@ -130,11 +138,3 @@ def overall(checks: list[Check]) -> str:
     return (
         f"{worst} as far as measured ({' and '.join(missing)} not measured)" if missing and worst != "poor" else worst
     )
-
-
-def _worst_solves(solves: list[dict]) -> list[dict]:
-    out: dict[str, dict] = {}
-    for s in solves:
-        if s["label"] not in out or s["residual"] > out[s["label"]]["residual"]:
-            out[s["label"]] = s
-    return [out[k] for k in ("finetune", "pretrain") if k in out]

@@ -36,7 +36,10 @@ def test_agreement_against_an_independent_computation():
 
 
 def solve(label, residual, method="lanczos"):
-    return {"label": label, "method": method, "residual": residual, "damping": 0.01, "system": "(H² + λI) x = H b"}
+    """A solve as summary.json records it (SolveReport.as_dict)."""
+    from msif.influence.solvers import SolveReport
+
+    return SolveReport(label, method, 0.01, residual=residual, system="(H² + λI) x = H b").as_dict()
 
 
 def test_the_verdict_names_what_is_poor_and_what_to_do():

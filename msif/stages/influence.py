@@ -28,7 +28,7 @@ from msif.lifecycle import Context, Stage, run
 from msif.resume import score_in_parts, solve_targets
 from msif.runs import RunFolder, Trained, read_json
 from msif.score_table import read_parquet, score_stats, score_table, write_parquet
-from msif.stability import agreement, overall, reliability
+from msif.stability import agreement, overall, overlap_size, reliability
 from msif.stages.finetune import finetuned
 from msif.stages.pretrain import pretrained
 from msif.summaries import influence_tables, reliability_table
@@ -202,8 +202,9 @@ def stability(cfg: DictConfig, ctx: Context, result: InfluenceResult) -> dict | 
     second = influence(other, ctx, verdict=False)
     if not distributed.is_main():
         return None
-    top = max(1, min(int(cfg.check.top), len(result.scores) // 2))
-    if saved.get("other_run") == second.path.name and saved.get("top") == top:
+    if saved.get("other_run") == second.path.name and saved.get("top") == overlap_size(
+        cfg.check.top, result.summary["scored"]
+    ):
         found = saved
     else:
         found = agreement(result.scores, second.scores, int(cfg.check.top)) | {

@@ -29,8 +29,8 @@ from msif.errors import MsifError
 from msif.io import atomic_write_json
 from msif.lds import group_effect, lds, per_test_lds, removed_rows, score_matrix
 from msif.lifecycle import Context, ResumableRows, Stage, run, run_jobs, threads_per_worker
-from msif.loo import Retrainer
-from msif.runs import RunFolder, read_json
+from msif.loo import Retrainer, reference_losses
+from msif.runs import RunFolder
 from msif.stages.influence import INFLUENCE, InfluenceResult, influence, report_reliability
 from msif.stages.validate_loo import compare_config, make_retrainer
 from msif.summaries import lds_table
@@ -133,7 +133,8 @@ class ValidateLds(Stage):
             f"steps + K_f={cfg.loo.finetune_steps} finetune steps each; {table.done} done in {table.csv}, "
             f"{len(todo)} to go"
         )
-        reference = reference_loss(retrainer, folder.path / "reference.json")
+        # the reference retrain (nothing left out) under the one seed every subset is retrained with
+        reference = reference_losses(retrainer, folder.path, retrainer.seeds()[:1])[0]
         workers = int(cfg.lds.workers)
         threads = threads_per_worker(cfg.lds.threads, workers)
         jobs = [(j, removed_rows(m, alpha, seed, j)) for j in todo]
@@ -212,18 +213,6 @@ class ValidateLds(Stage):
         say(f"saved {table.csv}, {folder.path / 'lds.png'}, {folder.path / 'lds_summary.json'}")
         report_reliability(up.main)
         return LdsResult(folder.path, frame, summary)
-
-
-def reference_loss(retrainer: Retrainer, file: Path) -> float:
-    """L_T after the same retrain with nothing left out (the first retrain seed; cached in reference.json)."""
-    seed = retrainer.seeds()[0]
-    cached = read_json(file)
-    if cached.get("seed") == seed and "test_loss" in cached:
-        return float(cached["test_loss"])
-    start = time.perf_counter()
-    loss = retrainer.test_loss(None, seed=seed)
-    atomic_write_json({"seed": seed, "test_loss": loss, "seconds": time.perf_counter() - start}, file)
-    return loss
 
 
 VALIDATE_LDS = ValidateLds()

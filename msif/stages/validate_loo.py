@@ -125,7 +125,7 @@ class ValidateLoo(Stage):
             f"pretrain steps{passes} + K_f={cfg.loo.finetune_steps} finetune steps per retrain, z removed by "
             f"{cfg.loo.removal}; {table.done} already done in {table.csv}, {len(todo)} to go"
         )
-        references = reference_losses(cfg, retrainer, folder.path)
+        references = reference_losses(retrainer, folder.path, seeds, cfg.loo.reference)
         reference = float(sum(references) / len(references))
         counts = sum(retrainer.exposure(seed).double() for seed in seeds) / len(seeds)
         original = retrainer.original_test_loss()
