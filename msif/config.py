@@ -86,7 +86,7 @@ def validate_config(cfg: DictConfig) -> None:
 
     check_config(cfg)
     if "solver" in cfg:
-        solver_group(cfg)
+        check_response(cfg, solver_group(cfg))
 
 
 def resolve_device(name: str):
@@ -117,8 +117,11 @@ HOW_NOT_WHAT = ("graph_budget_gib",)
 def influence_settings(cfg: DictConfig, finetune_signature: str) -> dict[str, Any]:
     """The settings that determine an influence table, chained to its finetune checkpoint's signature (single-stage:
     the pretrain checkpoint's)."""
+    extra = {}
+    if cfg.get("response") is not None and cfg.response.kind != "inverse":  # the default leaves old signatures be
+        extra["response"] = cfg.response
     if cfg.get("mode", "multi_stage") == "single_stage":  # chained to the pretrain run; no finetune case
-        return {
+        return extra | {
             "version": FORMAT_VERSION,
             "mode": "single_stage",
             "pretrain": finetune_signature,
@@ -130,7 +133,7 @@ def influence_settings(cfg: DictConfig, finetune_signature: str) -> dict[str, An
             },
             "dtype": cfg.dtype,
         }
-    return {
+    return extra | {
         "version": FORMAT_VERSION,
         "finetune": finetune_signature,
         "case": {"name": cfg.case.name, "alpha": cfg.case.get("alpha")},
@@ -139,6 +142,55 @@ def influence_settings(cfg: DictConfig, finetune_signature: str) -> dict[str, An
         "score": {"indices": cfg.score.indices},
         "hessian": {k: v for k, v in cfg.hessian.items() if k not in ("batch_size", *HOW_NOT_WHAT)},
         "dtype": cfg.dtype,
+    }
+
+
+RESPONSE_METHODS = ("lanczos", "exact")  # the solvers that can apply the retrain response (a matrix function)
+
+
+def check_response(cfg: DictConfig, solvers: dict) -> None:
+    """`response.kind=retrain` needs a learning rate and solvers that apply a matrix function of H."""
+    response = cfg.get("response")
+    if response is None or response.kind == "inverse":
+        return
+    if response.lr is None:
+        raise MsifError(
+            "response.kind=retrain predicts the response of SGD steps, but response.lr is null (the training "
+            "recipe's optimizer may not even be SGD).",
+            "Set response.lr (validate-loo: loo.lr) to the retrains' SGD learning rate.",
+        )
+    for side, settings in solvers.items():
+        if settings.method not in RESPONSE_METHODS:
+            raise MsifError(
+                f"response.kind=retrain needs a solver that applies a function of the Hessian, but the {side} "
+                f"solver is {settings.method}.",
+                "Use solver=lanczos (the default) or solver=exact, or response.kind=inverse.",
+            )
+
+
+def response_solvers(cfg: DictConfig, solvers: dict, m: int) -> dict:
+    """The solver settings with the retrain response filled in when `response.kind=retrain`: η = response.lr for
+    both, K = response.finetune_steps for the finetune Hessian and K_p (steps, or whole passes over the m
+    pretraining examples in batches of the pretrain recipe's) for the pretrain one; else `solvers` as they are."""
+    import dataclasses
+
+    from msif.training import retrain_schedule
+
+    response = cfg.get("response")
+    if response is None or response.kind == "inverse":
+        return solvers
+    check_response(cfg, solvers)
+    k_p, _ = retrain_schedule(
+        m,
+        int(cfg.train.pretrain.batch_size),
+        response.pretrain_steps,
+        response.pretrain_epochs,
+        int(cfg.profile.loo[cfg.dataset.name].pretrain),
+    )
+    steps = {"pretrain": k_p, "finetune": int(response.finetune_steps)}
+    return {
+        side: dataclasses.replace(s, retrain_lr=float(response.lr), retrain_steps=steps[side])
+        for side, s in solvers.items()
     }
 
 

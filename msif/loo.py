@@ -29,7 +29,7 @@ from msif.data import Tasks
 from msif.errors import MsifError
 from msif.io import atomic_write_json
 from msif.runs import read_json
-from msif.training import epoch_steps, exposure, fit, train_finetune_net
+from msif.training import exposure, fit, retrain_schedule, train_finetune_net
 
 if TYPE_CHECKING:
     from msif.runs import Trained
@@ -61,13 +61,13 @@ class Retrainer:
         `loo.pretrain_epochs` whole passes (every example seen equally often, the last batch shorter); else the
         profile's K_p steps for the data set."""
         loo = self.cfg.loo
-        if loo.get("pretrain_steps") is not None:
-            return int(loo.pretrain_steps), None
-        if loo.get("pretrain_epochs"):
-            return epoch_steps(
-                len(self.tasks.pretrain.train), int(self.recipe.train.pretrain.batch_size), int(loo.pretrain_epochs)
-            )
-        return int(self.cfg.profile.loo[self.cfg.dataset.name].pretrain), None
+        return retrain_schedule(
+            len(self.tasks.pretrain.train),
+            int(self.recipe.train.pretrain.batch_size),
+            loo.get("pretrain_steps"),
+            loo.get("pretrain_epochs"),
+            int(self.cfg.profile.loo[self.cfg.dataset.name].pretrain),
+        )
 
     def seeds(self) -> list[int]:
         """The batch-order seed of each retrain repeat (`loo.repeats`), each with its own paired reference."""

@@ -225,6 +225,15 @@ class Checks:
 
 
 @dataclass
+class Response:
+    kind: str = one_of("inverse", "retrain", default="inverse")
+    lr: float | None = above(0.0, None)
+    pretrain_steps: int | None = at_least(0, None)  # as loo.*, which validate-loo passes on
+    pretrain_epochs: int | None = at_least(1, None)
+    finetune_steps: int = at_least(0, 100)
+
+
+@dataclass
 class Influence(Base):
     """conf/influence.yaml."""
 
@@ -233,6 +242,7 @@ class Influence(Base):
     target: Target = field(default_factory=Target)
     score: Score = field(default_factory=Score)
     hessian: HessianSample = field(default_factory=HessianSample)
+    response: Response = field(default_factory=Response)
     output: Output = field(default_factory=Output)
     check: Checks = field(default_factory=Checks)
 

@@ -73,7 +73,9 @@ def reliability(summary: dict, stability: dict | None, loo: dict | None) -> list
         r = float(s["residual"])
         verdict = "good" if r <= GOOD_RESIDUAL else "fair" if r <= FAIR_RESIDUAL else "poor"
         damping = f"λ = {s['damping']:.3g}"
-        if s.get("relative_damping") is not None:
+        if s.get("retrain"):  # the retrain response: a polynomial of H, no damping
+            damping = f"retrain response η = {s['retrain'][0]:g}, K = {s['retrain'][1]}"
+        elif s.get("relative_damping") is not None:
             damping += f" = ({s['relative_damping']:g}·|λ|max)" + ("²" if s.get("system") == NORMAL_SYSTEM else "")
         checks.append(
             Check(

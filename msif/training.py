@@ -58,6 +58,18 @@ def epoch_steps(n: int, batch_size: int, epochs: int) -> tuple[int, int]:
     return math.ceil(examples / min(batch_size, n)), examples
 
 
+def retrain_schedule(
+    n: int, batch_size: int, steps: int | None, epochs: int | None, fallback: int
+) -> tuple[int, int | None]:
+    """(steps, examples) of a warm-start pretraining retrain over n examples: `steps` steps when given; else `epochs`
+    whole passes (`epoch_steps`); else `fallback` steps. examples is None where the count is by steps."""
+    if steps is not None:
+        return int(steps), None
+    if epochs:
+        return epoch_steps(n, batch_size, int(epochs))
+    return int(fallback), None
+
+
 def exposure(n: int, batch_size: int, steps: int, seed: int, examples: int | None = None) -> torch.Tensor:
     """How many of the schedule's batches each of the n examples appears in."""
     counts = torch.zeros(n, dtype=torch.long)

@@ -232,3 +232,50 @@ def test_a_non_positive_relative_damping_is_refused_with_its_name():
             {"method": "cg", "relative_damping": 0},
             "t",
         )
+
+
+@pytest.mark.parametrize("method", ["lanczos", "exact"])
+def test_the_retrain_response_is_k_steps_of_gradient_descent_on_the_quadratic(method):
+    """x = (I − (I − ηH)^K) H⁻¹ b is where K steps of gradient descent at rate η on ½xᵀHx − bᵀx take x from 0,
+    negative curvature included: checked against those K steps, run here."""
+    p, lr, steps = 60, 0.05, 40
+    A = indefinite(p, seed=4)
+    B = torch.randn(3, p, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    want = torch.zeros_like(B)
+    for _ in range(steps):
+        want = want - lr * (want @ A - B)
+    spec = {"method": method, "retrain_lr": lr, "retrain_steps": steps, "tol": 1e-13}
+    X, report = solve(Dense(A), B, spec | ({"iterations": 100} if method == "lanczos" else {}), "t")
+    assert float((X - want).norm() / want.norm()) < 1e-10
+    assert report.damping == 0.0 and report.retrain == (lr, steps)
+    assert report.system == "x = (I − (I − 0.05·H)^40) H⁻¹ b"
+    assert report.residual < 1e-9
+    if method == "lanczos":  # a polynomial of degree K − 1: exact once the Krylov space has K + 1 vectors
+        assert report.iterations <= steps + 1
+
+
+def test_the_retrain_filter_runs_from_eta_k_at_zero_curvature_to_the_inverse_at_large():
+    from msif.influence.curvature import retrain_filter
+
+    lr, steps = 0.01, 50
+    theta = torch.tensor([0.0, 1e-12, 1e-6, 1e4], dtype=torch.float64)
+    f = retrain_filter(theta, lr, steps)
+    assert f[0] == pytest.approx(lr * steps, rel=1e-15)
+    # the series η K − η² K (K − 1) θ / 2 for small θ: no cancellation where ηθ is tiny
+    for t, v in zip(theta[1:3], f[1:3], strict=True):
+        assert float(v) == pytest.approx(lr * steps - lr * lr * steps * (steps - 1) * float(t) / 2, rel=1e-12)
+    big = retrain_filter(torch.tensor([2.0], dtype=torch.float64), 0.5, 200)
+    assert float(big) == pytest.approx(1 / 2.0, rel=1e-12)  # ηθ = 1: one step lands on θ⁻¹ b and stays
+    assert float(f[3]) == pytest.approx(((1 - (1 - 100.0) ** 50) / 1e4), rel=1e-12)  # ηθ > 2: the diverging steps
+
+
+def test_the_retrain_rate_and_steps_come_together_and_are_checked():
+    from msif.errors import SolverError
+    from msif.influence.settings import solver_settings
+
+    with pytest.raises(SolverError, match="retrain_steps"):
+        solver_settings({"method": "lanczos", "retrain_lr": 0.1}, "pretrain")
+    with pytest.raises(SolverError, match="retrain_lr"):
+        solver_settings({"method": "exact", "retrain_lr": -1.0, "retrain_steps": 3}, "pretrain")
+    with pytest.raises(SolverError, match="has no setting 'retrain_lr'"):
+        solver_settings({"method": "cg_normal", "retrain_lr": 0.1, "retrain_steps": 3}, "pretrain")

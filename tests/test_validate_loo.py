@@ -54,6 +54,53 @@ def test_on_a_problem_solved_to_optimality_predicted_and_actual_effects_agree(en
     assert (frame["actual_effect"].abs() > 0).all()
 
 
+# Short full-batch SGD retrains from an unconverged (Adam-trained) model: no minimum anywhere, the regime of the
+# real data sets. The retrain response is their first-order effect exactly, up to how much H moves over the retrain.
+SHORT = [
+    "dataset=tiny",
+    "dtype=float64",
+    "solver=exact",
+    "train.pretrain.batch_size=1000",  # the retrains' batches are the whole set: gradient descent, seed-free
+    "train.finetune.batch_size=1000",
+    "loo.lr=0.02",
+    "loo.pretrain_steps=20",
+    "loo.finetune_steps=20",
+    "loo.indices=[0,11,23,35,47,59,71,83,95,107,119,131,143,155,167,179]",
+    "loo.repeats=1",
+    "loo.threads=1",
+    "loo.bootstrap=50",
+]
+
+
+@pytest.mark.parametrize("case", ["fixed", "updated"])
+def test_the_retrain_response_predicts_short_retrains_to_first_order_and_the_inverse_does_not(env, case):
+    def fit(kind: str) -> tuple[float, float]:
+        frame = validate_loo(compose_cfg("validate-loo", [*SHORT, f"case={case}", f"response.kind={kind}"])).table
+        pred, act = frame["predicted_effect"].to_numpy(), frame["actual_effect"].to_numpy()
+        return float(np.corrcoef(pred, act)[0, 1]), float(np.polyfit(act, pred, 1)[0])
+
+    r, slope = fit("retrain")
+    assert r > 0.999 and abs(slope - 1) < 0.03, (r, slope)  # measured: r 1.0000, slope 0.995 / 1.003
+    r_inv, slope_inv = fit("inverse")  # the damped inverse answers where a converged retrain would end
+    assert slope_inv > 3, (r_inv, slope_inv)
+
+
+def test_the_retrain_response_is_refused_with_a_solver_that_cannot_apply_it_and_keeps_old_signatures(env):
+    refused(
+        msif(["influence", "dataset=tiny", "response.kind=retrain", "solver=cg_normal"]),
+        "response.kind=retrain needs a solver that applies a function of the Hessian",
+        "solver=lanczos",
+    )
+    refused(msif(["validate-loo", *FAST, "response.kind=retrain", "loo.lr=null"]), "response.lr is null", "loo.lr")
+    from msif.config import influence_settings
+
+    def signature(*overrides: str) -> dict:
+        return influence_settings(compose_cfg("influence", ["dataset=tiny", *overrides]), "finetune-signature")
+
+    assert signature() == signature("response.lr=0.3")  # the inverse's runs do not depend on the response block
+    assert "response" not in signature() and signature("response.kind=retrain")["response"]["kind"] == "retrain"
+
+
 def test_the_with_and_without_retrains_see_identical_batches_apart_from_z(env, prebuilt):
     from msif.lifecycle import Context
     from msif.loo import Retrainer

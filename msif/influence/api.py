@@ -23,7 +23,15 @@ from torch import nn
 
 from msif.errors import MsifError
 from msif.influence.hessian import GRAPH_BUDGET_BYTES, Hessian
-from msif.influence.multistage import Trace, ihvp1, ihvp2, mixed_term, pad_to_pretrain_space, target_gradient
+from msif.influence.multistage import (
+    Trace,
+    ihvp1,
+    ihvp2,
+    kept_shift,
+    mixed_term,
+    pad_to_pretrain_space,
+    target_gradient,
+)
 from msif.influence.params import ParamSpace, embed, network_space, summed_loss
 from msif.influence.scoring import METHODS as SCORE_METHODS
 from msif.influence.scoring import score_network
@@ -243,8 +251,13 @@ class MultiStageInfluence:
             with tr.timed("ihvp1"):
                 A, rep = ihvp1(self.H_F, V, self.solver["finetune"])
                 tr.solves.append(rep)
-            tr.seconds.setdefault("mixed_term", 0.0)  # no mixed term in case updated
-            rhs = pad_to_pretrain_space(2 * self.alpha * A[:, self.W], self.pre_space)
+            if self.solver["finetune"].retrain is None:
+                tr.seconds.setdefault("mixed_term", 0.0)  # no mixed term in case updated
+                rhs = pad_to_pretrain_space(2 * self.alpha * A[:, self.W], self.pre_space)
+            else:  # the retrain response: what the shifted start keeps after K_f steps
+                with tr.timed("mixed_term"):
+                    u = kept_shift(self.H_F, V[:, self.W], A, self.W, self.alpha)
+                rhs = pad_to_pretrain_space(u, self.pre_space)
         with tr.timed("ihvp2"):
             S, rep = ihvp2(self.H_G, rhs, self.solver["pretrain"])
             tr.solves.append(rep)

@@ -53,6 +53,21 @@ def spectral_filter(theta: torch.Tensor, damping: float, normal: bool) -> torch.
     return theta / (theta * theta + damping) if normal else 1.0 / (theta + damping)
 
 
+def retrain_filter(theta: torch.Tensor, lr: float, steps: int) -> torch.Tensor:
+    """f(θ) = (1 − (1 − ηθ)^K) / θ = η Σ_{i<K} (1 − ηθ)^i: how K gradient-descent steps at rate η respond along an
+    eigenvector of curvature θ (docs/MATH.md, "The retrain response"); ηK at θ = 0, 1/θ once ηθK ≫ 1.
+
+    The numerator is −expm1(K·log1p(−ηθ)) where ηθ < 1, which keeps its relative precision for tiny ηθ (the
+    direct 1 − (1 − ηθ)^K cancels); where ηθ ≥ 1 the power has no cancellation to fear."""
+    x = lr * theta
+    safe = torch.where(x.abs() < 1e-300, torch.ones_like(x), x)
+    below = x < 1
+    num_below = -torch.expm1(steps * torch.log1p(-torch.where(below, safe, torch.zeros_like(safe))))
+    num_above = 1.0 - torch.pow(1.0 - torch.where(below, torch.zeros_like(safe), safe), steps)
+    f = lr * torch.where(below, num_below, num_above) / safe
+    return torch.where(x.abs() < 1e-300, torch.full_like(x, lr * steps), f)
+
+
 @dataclass
 class RitzCurvature:
     values: torch.Tensor  # (k,) Ritz values θ

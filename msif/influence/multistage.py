@@ -13,6 +13,10 @@ Case updated (W finetuned too; proximal model α‖W − W̄‖², eq. 12), at (
     1. v = ∇_{(W,Θ)} L_T                                       `target_gradient`
     2. a = (H_F + 2α P_W)⁻¹ v                                  `ihvp1`
     3. s = H_G⁻¹ [2α a_W ; 0]                                  `ihvp2`
+With the retrain response (docs/MATH.md, "The retrain response"), each inverse becomes the response f(H) of the
+leave-one-out retrain's K gradient steps, and in case updated step 3 becomes s = f(H_G) [u ; 0] with
+u = v_W − [H_F a]_W (`kept_shift`): the finetune retrain starts from W** moved by the pretraining change and, in K_f
+steps, pulls back only part of it. As K → ∞ with the exact inverse, u = 2α a_W again.
 """
 
 from __future__ import annotations
@@ -81,6 +85,16 @@ def mixed_term(H_F_full: Hessian, finetune_space: ParamSpace, A: torch.Tensor) -
     padded[:, W.stop :] = A
     out = H_F_full.matvec(padded)[:, W]
     H_F_full.release()
+    return out
+
+
+def kept_shift(H_F: Hessian, V_W: torch.Tensor, A: torch.Tensor, W: slice, alpha: float) -> torch.Tensor:
+    """Step 3 (case updated, retrain response): u = v_W − [H_F a]_W with H_F the finetune loss's own Hessian (the
+    proximal 2α P_W that `H_F` carries as a shift taken off again), one HVP per target."""
+    HA = H_F.matvec(A)
+    out = V_W - HA[:, W] + 2 * alpha * A[:, W]
+    if hasattr(H_F, "release"):
+        H_F.release()
     return out
 
 

@@ -71,20 +71,43 @@ class SolverSettings:
         if not isinstance(getattr(self, key), bool):
             raise self._bad(key, "true or false")
 
+    def _check_retrain(self) -> None:
+        """`retrain_lr` η and `retrain_steps` K come together: both set (the retrain response) or both unset."""
+        lr, steps = getattr(self, "retrain_lr", None), getattr(self, "retrain_steps", None)
+        if (lr is None) != (steps is None):
+            missing = "retrain_steps" if steps is None else "retrain_lr"
+            raise self._bad(missing, "set as well (retrain_lr and retrain_steps go together), or both left unset")
+        if lr is not None:
+            self._positive("retrain_lr")
+            self._count("retrain_steps")
+
+    @property
+    def retrain(self) -> tuple[float, int] | None:
+        """(η, K) when each inverse is replaced by the response of K gradient steps at rate η, else None."""
+        lr, steps = getattr(self, "retrain_lr", None), getattr(self, "retrain_steps", None)
+        return None if lr is None else (float(lr), int(steps))
+
 
 @dataclass(frozen=True)
 class LanczosSettings(SolverSettings):
     """Lanczos on H from each b: at most `iterations` steps (one HVP each), stopping when the answer changes by less
-    than `tol` (relative). `normal`: the paper's (H² + λI) x = H b; else (H + λI) x = b (MINRES)."""
+    than `tol` (relative). `normal`: the paper's (H² + λI) x = H b; else (H + λI) x = b (MINRES).
+
+    `retrain_lr` η and `retrain_steps` K, when set, replace the inverse by the linear response of K gradient-descent
+    steps at rate η from the trained point, x = (I − (I − ηH)^K) H⁻¹ b (docs/MATH.md, "The retrain response"); the
+    damping is then unused."""
 
     method: ClassVar[str] = "lanczos"
     iterations: int = 100
     normal: bool = True
+    retrain_lr: float | None = None
+    retrain_steps: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._count("iterations")
         self._flag("normal")
+        self._check_retrain()
 
 
 @dataclass(frozen=True)
@@ -150,11 +173,14 @@ class ExactSettings(SolverSettings):
     method: ClassVar[str] = "exact"
     normal: bool = True
     max_params: int = 10_000
+    retrain_lr: float | None = None  # with retrain_steps: the retrain response, as for lanczos
+    retrain_steps: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._flag("normal")
         self._count("max_params")
+        self._check_retrain()
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from msif.errors import SolverError, UnconvergedSolveWarning
-from msif.influence.curvature import largest_eigenvalue, ritz_curvature
+from msif.influence.curvature import largest_eigenvalue, retrain_filter, ritz_curvature
 from msif.influence.krylov import Krylov
 from msif.influence.settings import (
     CGSettings,
@@ -70,6 +70,7 @@ class SolveReport:
     history: list[float] = field(default_factory=list)  # max relative residual per iteration (CG) or step (LiSSA)
     largest_eigenvalue: float | None = None  # |λ|_max of H, when the damping is relative to it
     relative_damping: float | None = None  # ρ: eigenvalues below ρ·|λ|_max damped
+    retrain: tuple[float, int] | None = None  # (η, K) of the retrain response, when that replaced the inverse
     system: str = ""  # the system solved, e.g. "(H² + λI) x = H b": two solvers agree only when they solve the same one
 
     def as_dict(self) -> dict:
@@ -83,14 +84,14 @@ def solve(
     `solver_settings` turns into one); see the module docstring. `label` names the Hessian in reports."""
     settings = solver_settings(settings, label)
     method = settings.method
-    report = SolveReport(label, method, 0.0, system=system_solved(settings))
+    report = SolveReport(label, method, 0.0, retrain=settings.retrain, system=system_solved(settings))
     calls0, start = H.calls, time.perf_counter()
     damping = report.damping = resolve_damping(H, settings, report)  # its HVPs, if any, count as the solve's
     HX_known = HB_known = None  # H X and H B where the solver has them from its own HVPs (lanczos)
     if method == "identity":
         X = B.clone()
     elif method == "exact":
-        X = _exact(H, B, damping, settings, label)
+        X = _exact(H, B, damping, settings, label, report)
     elif method == "cg":
         X = _cg(lambda V: H.matvec(V) + damping * V, B, settings, report)
     elif method == "cg_normal":
@@ -115,7 +116,12 @@ def solve(
         HX = H.matvec(Xc) if HX_known is None else HX_known
         report.inverse_residual = _max_rel(HX - Bc, Bc)
         normal = isinstance(settings, (ExactSettings, LanczosSettings, LowrankSettings)) and settings.normal
-        if method == "cg":
+        if settings.retrain is not None:
+            # a polynomial of H, not a linear system: lanczos reports its last relative change (exact once the
+            # Krylov space has K + 1 vectors), exact the residual of H x = (I − (I − ηH)^K) b it set itself
+            if method == "lanczos":
+                report.residual = report.history[-1] if report.history else 0.0
+        elif method == "cg":
             report.residual = _max_rel(HX + damping * Xc - Bc, Bc)
         elif method == "cg_normal" or normal:
             HB = H.matvec(Bc) if HB_known is None else HB_known
@@ -139,6 +145,8 @@ def resolve_damping(H, settings: SolverSettings, report: SolveReport | None = No
     over at |t| = √λ). |λ|_max comes from the Ritz values of SPECTRUM_STEPS Lanczos steps (seed 0), cached with H
     like the `lowrank` curvature, so every target block and later run of the same Hessian shares it."""
     rho = settings.relative_damping
+    if settings.retrain is not None:  # the retrain response has no damping: its filter is bounded by ηK
+        return 0.0
     if rho is None or settings.method == "identity":
         return float(settings.damping)
     if isinstance(settings, LowrankSettings):  # its own Ritz pairs hold the top of the spectrum already
@@ -159,6 +167,9 @@ def system_solved(settings: SolverSettings) -> str:
     """The linear system a solver with these settings solves (the paper's normal equations or the damped one)."""
     if settings.method == "identity":
         return "x = b (H⁻¹ ≈ I)"
+    if settings.retrain is not None:
+        lr, steps = settings.retrain
+        return f"x = (I − (I − {lr:g}·H)^{steps}) H⁻¹ b"
     if settings.method == "cg_normal" or getattr(settings, "normal", False):
         return NORMAL_SYSTEM
     return PLAIN_SYSTEM
@@ -271,7 +282,7 @@ def _lanczos_block(H, B: torch.Tensor, damping: float, settings: LanczosSettings
         task = bar.add_task(f"{report.label} (lanczos)", total=iters, info="")
         for j in range(iters):
             krylov.step()
-            y = _projected(*krylov.tridiagonal(), damping, normal)
+            y = _projected(*krylov.tridiagonal(), damping, normal, settings.retrain)
             change = (y - torch.nn.functional.pad(y_prev, (0, 1))).norm(dim=1) / y.norm(dim=1).clamp_min(1e-300)
             y_prev = y
             report.history.append(float(change.max()))
@@ -282,7 +293,14 @@ def _lanczos_block(H, B: torch.Tensor, damping: float, settings: LanczosSettings
     return krylov.combine(y), krylov.apply_H(y), krylov.apply_H_to_b()
 
 
-def _projected(alphas: torch.Tensor, betas: torch.Tensor | None, last: torch.Tensor, damping: float, normal: bool):
+def _projected(
+    alphas: torch.Tensor,
+    betas: torch.Tensor | None,
+    last: torch.Tensor,
+    damping: float,
+    normal: bool,
+    retrain: tuple[float, int] | None = None,
+):
     """The best y for x = ‖b‖ Q y over the Krylov space, per column, in float64, from the tridiagonal T (diagonal
     `alphas` (K, j), off-diagonal `betas` (K, j−1)) and the step's β_j `last` (K,), using H Q = Q T + β_j q_{j+1} e_jᵀ:
 
@@ -291,7 +309,9 @@ def _projected(alphas: torch.Tensor, betas: torch.Tensor | None, last: torch.Ten
       CG on the normal equations searches after j/2 iterations, so this is never worse than cg_normal for the same
       HVPs;
     * else (H + λI) x = b: minimise the residual (MINRES), least squares with the (j+1) × j matrix [T + λI; β_j e_jᵀ];
-      fine for an indefinite H + λI.
+      fine for an indefinite H + λI;
+    * retrain (η, K): the Lanczos approximation of the matrix function, y = f(T) e₁ with f the retrain filter. f is
+      a polynomial of degree K − 1, so it is exact once j ≥ K (Q p(T) e₁ = p(H) b for deg p < j).
     """
     K, j = alphas.shape
     T = torch.diag_embed(alphas.double())
@@ -302,6 +322,9 @@ def _projected(alphas: torch.Tensor, betas: torch.Tensor | None, last: torch.Ten
     e1[:, 0] = 1.0
     eye = torch.eye(j, dtype=torch.float64, device=alphas.device)
     last = last.double()
+    if retrain is not None:
+        theta, V = torch.linalg.eigh(T)
+        return torch.einsum("kij,kj->ki", V, retrain_filter(theta, *retrain) * V[:, 0, :])
     if normal:
         M = T @ T + damping * eye
         M[:, -1, -1] += last * last
@@ -312,7 +335,9 @@ def _projected(alphas: torch.Tensor, betas: torch.Tensor | None, last: torch.Ten
     return torch.linalg.lstsq(Tbar, rhs.unsqueeze(-1)).solution.squeeze(-1)
 
 
-def _exact(H, B: torch.Tensor, damping: float, settings: ExactSettings, label: str) -> torch.Tensor:
+def _exact(
+    H, B: torch.Tensor, damping: float, settings: ExactSettings, label: str, report: SolveReport
+) -> torch.Tensor:
     max_params = settings.max_params
     if H.size > max_params:
         raise SolverError(
@@ -324,6 +349,15 @@ def _exact(H, B: torch.Tensor, damping: float, settings: ExactSettings, label: s
         )
     dense = H.dense()
     eye = torch.eye(H.size, dtype=B.dtype, device=B.device)
+    if settings.retrain is not None:
+        lr, steps = settings.retrain
+        theta, V = torch.linalg.eigh(dense.double())
+        X = ((B.double() @ V) * retrain_filter(theta, lr, steps)) @ V.T
+        # checked against the definition, not the eigendecomposition: H x = (I − (I − ηH)^K) b
+        step = torch.linalg.matrix_power(eye.double() - lr * dense.double(), steps)
+        Bd = B.double()
+        report.residual = _max_rel(X @ dense.double() - (Bd - Bd @ step), Bd)
+        return X.to(B.dtype)
     if settings.normal:
         return torch.linalg.solve(dense @ dense + damping * eye, dense @ B.T).T
     return torch.linalg.solve(dense + damping * eye, B.T).T

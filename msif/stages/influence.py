@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from msif import distributed
-from msif.config import influence_settings, solver_group
+from msif.config import influence_settings, response_solvers, solver_group
 from msif.console import console, say
 from msif.errors import MsifError
 from msif.influence import MultiStageInfluence, SingleStageInfluence
@@ -239,7 +239,8 @@ def report_reliability(result: InfluenceResult, stability_found: dict | None = N
 def build_influence(cfg: DictConfig, up: Upstream, ctx: Context) -> MultiStageInfluence | SingleStageInfluence:
     """The influence computation these settings describe, over the trained networks and the tasks' data. Fitted
     curvature (solver=lowrank) is cached next to the checkpoint its Hessian is taken at, for every later run."""
-    tasks, solver = ctx.tasks(cfg), solver_group(cfg)
+    tasks = ctx.tasks(cfg)
+    solver = response_solvers(cfg, solver_group(cfg), len(tasks.pretrain.train))
     common = {
         "hessian_sample": cfg.hessian.pretrain_sample,
         "sample_seed": cfg.hessian.seed,
