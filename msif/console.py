@@ -22,8 +22,71 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
 
 
-def progress(transient: bool = False) -> Progress:
-    """A progress bar with step count, elapsed/remaining time and a free-text field `info` (loss, rate...)."""
+LINE_INTERVAL_S = 30.0  # a log or pipe gets one progress line per task at most this often (and one at the end)
+
+
+class LineProgress:
+    """What a log file or pipe gets instead of a live bar: a line `description: done/total, rate, elapsed, eta, info`
+    per task at most every LINE_INTERVAL_S seconds and when the task completes, so an 80-minute validate-loo run
+    shows that it is alive and how far it is."""
+
+    def __init__(self, out: Console, interval: float = LINE_INTERVAL_S, clock=None):
+        import time
+
+        self.out, self.interval, self.clock = out, interval, clock or time.monotonic
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = None, **fields: object) -> int:
+        now = self.clock()
+        self.tasks[len(self.tasks)] = {
+            "description": description, "total": total, "completed": float(fields.get("completed", 0.0)),
+            "info": fields.get("info", ""), "initial": float(fields.get("completed", 0.0)),  # resumed work is not rate
+            "start": now, "printed": now, "done": False,
+        }  # fmt: skip
+        return len(self.tasks) - 1
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        self.update(task, completed=self.tasks[task]["completed"] + advance)
+
+    def update(self, task: int, **kwargs: object) -> None:
+        t = self.tasks[task]
+        for key in ("completed", "total", "info", "description"):
+            if key in kwargs:
+                t[key] = kwargs[key]
+        if "advance" in kwargs:
+            t["completed"] += float(kwargs["advance"])
+        now = self.clock()
+        finished = t["total"] is not None and t["completed"] >= t["total"]
+        if (finished and not t["done"]) or now - t["printed"] >= self.interval:
+            t["printed"], t["done"] = now, finished
+            self.out.print(self.line(t, now), soft_wrap=True, markup=False, highlight=False)
+
+    @staticmethod
+    def line(t: dict, now: float) -> str:
+        done, total, elapsed = float(t["completed"]), t["total"], now - t["start"]
+        count = f"{done:,.0f}/{total:,.0f}" if total is not None else f"{done:,.0f}"
+        parts = [f"{t['description']}: {count}", f"{elapsed:,.0f} s elapsed"]
+        new = done - t["initial"]
+        if new > 0 and elapsed > 0:
+            parts.append(f"{elapsed / new:,.1f} s each")
+            if total is not None and total > done:
+                parts.append(f"eta {(total - done) * elapsed / new:,.0f} s")
+        if t["info"]:
+            parts.append(str(t["info"]))
+        return ", ".join(parts)
+
+
+def progress(transient: bool = False) -> Progress | LineProgress:
+    """A progress bar with step count, elapsed/remaining time and a free-text field `info` (loss, rate...); in a log
+    or pipe, progress lines at a bounded rate instead (transient bars, inner loops, print nothing there)."""
+    if not console.is_terminal and not transient:
+        return LineProgress(console)
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

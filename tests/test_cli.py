@@ -193,3 +193,24 @@ def test_training_that_diverges_stops_without_a_checkpoint(env, tmp_path, monkey
     refused(msif(["pretrain", *TINY]), "Training diverged", "loss is nan", "train.pretrain.lr")
     assert not list((tmp_path / "outputs").rglob("checkpoint.pt"))
     refused(msif(["pretrain", *TINY, "train.pretrain.lr=inf"]), "train.pretrain.lr must be > 0")
+
+
+def test_a_log_or_pipe_gets_progress_lines_at_a_bounded_rate_with_count_rate_and_eta():
+    import io
+
+    from rich.console import Console
+
+    from msif.console import LineProgress
+
+    now = [0.0]
+    out = io.StringIO()
+    bar = LineProgress(Console(file=out, width=200), interval=30.0, clock=lambda: now[0])
+    with bar:
+        task = bar.add_task("leave-one-out retrains", total=10, completed=2, info="")
+        for i in range(3, 11):
+            now[0] += 10.0  # a retrain every 10 s: a line every third one, and one at the end
+            bar.update(task, completed=i, info=f"r = +0.{i}")
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "leave-one-out retrains: 5/10, 30 s elapsed, 10.0 s each, eta 50 s, r = +0.5"  # 2 resumed
+    assert lines[-1].startswith("leave-one-out retrains: 10/10, 80 s elapsed") and "eta" not in lines[-1]
+    assert len(lines) == 3  # at 30 s, 60 s and the completion (80 s)
