@@ -74,7 +74,7 @@ class LineProgress:
         parts = [f"{t['description']}: {count}", f"{elapsed:,.0f} s elapsed"]
         new = done - t["initial"]
         if new > 0 and elapsed > 0:
-            parts.append(f"{elapsed / new:,.1f} s each")
+            parts.append(f"{elapsed / new:.3g} s each")
             if total is not None and total > done:
                 parts.append(f"eta {(total - done) * elapsed / new:,.0f} s")
         if t["info"]:

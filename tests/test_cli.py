@@ -211,6 +211,6 @@ def test_a_log_or_pipe_gets_progress_lines_at_a_bounded_rate_with_count_rate_and
             now[0] += 10.0  # a retrain every 10 s: a line every third one, and one at the end
             bar.update(task, completed=i, info=f"r = +0.{i}")
     lines = out.getvalue().splitlines()
-    assert lines[0] == "leave-one-out retrains: 5/10, 30 s elapsed, 10.0 s each, eta 50 s, r = +0.5"  # 2 resumed
+    assert lines[0] == "leave-one-out retrains: 5/10, 30 s elapsed, 10 s each, eta 50 s, r = +0.5"  # 2 resumed
     assert lines[-1].startswith("leave-one-out retrains: 10/10, 80 s elapsed") and "eta" not in lines[-1]
     assert len(lines) == 3  # at 30 s, 60 s and the completion (80 s)
