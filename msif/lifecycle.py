@@ -22,6 +22,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import nullcontext
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,6 +37,7 @@ from msif.console import console, say
 from msif.data import Tasks, build_tasks
 from msif.errors import MsifError
 from msif.io import KEEP, append_csv_row, atomic_write_text, read_resumable_csv
+from msif.locks import claimed
 from msif.runs import CHECKPOINT, RunFolder, resolve_upstream
 
 
@@ -151,9 +153,15 @@ def need(stage: Stage, cfg: DictConfig, ctx: Context) -> Any:
 def _compute(stage: Stage, cfg: DictConfig, ctx: Context, up: Any, folder: RunFolder) -> Any:
     """config.yaml first (process 0), then the stage's computation, remembered for the rest of the command."""
     folder.path.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():
-        atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), folder.path / "config.yaml")
-    result = ctx.results[(stage.name, str(folder.path))] = stage.compute(cfg, ctx, up, folder)
+    # one command at a time per folder (process 0 holds it for all of torchrun's processes)
+    with claimed(folder.path, stage.name) if distributed.is_main() else nullcontext():
+        if stage.marker is not None and folder.complete and not cfg.force and not distributed.active():
+            # another command finished it while this one was starting: reuse, as `run` would have
+            ctx.results[(stage.name, str(folder.path))] = stage.load(cfg, ctx, up, folder)
+            return ctx.results[(stage.name, str(folder.path))]
+        if distributed.is_main():
+            atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), folder.path / "config.yaml")
+        result = ctx.results[(stage.name, str(folder.path))] = stage.compute(cfg, ctx, up, folder)
     return result
 
 

@@ -111,3 +111,69 @@ def test_resumable_rows_continue_a_table_and_refuse_one_that_is_not_whole(tmp_pa
     csv.write_text("index,score,seconds\n99,0.5,1.0\n")
     with pytest.raises(MsifError, match="not this run's"):
         ResumableRows(csv, COLUMNS, ["index"], ["index"], valid=lambda f: "holds rows not this run's")
+
+
+def test_a_run_folder_in_use_is_refused_with_its_owner_and_a_stale_lock_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    from msif.locks import LOCK
+
+    stage = Counting()
+    cfg = config(tmp_path)
+    folder = stage.folder(cfg, None).path
+    folder.mkdir(parents=True)
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+
+        (folder / LOCK).write_text(json.dumps({"pid": owner.pid, "host": socket.gethostname(), "since": "then"}))
+        with pytest.raises(MsifError, match=rf"in use by PID {owner.pid}.*delete {folder / LOCK}"):
+            run(stage, cfg)
+        assert stage.computed == 0 and not (folder / stage.marker).exists()
+    finally:
+        owner.kill()
+        owner.wait()
+    assert run(stage, cfg) == 0 and stage.computed == 1  # its owner is gone: stale, taken over
+    assert not (folder / LOCK).exists()  # released when the stage ends
+    (folder / LOCK).write_text("{cut off")  # a claim interrupted mid-write is stale too
+    assert run(stage, config(tmp_path, "force=true")) == 0 and stage.computed == 2
+
+
+def test_a_stage_that_fails_releases_its_folder(tmp_path):
+    from msif.locks import LOCK
+
+    class Failing(Counting):
+        def compute(self, cfg, ctx, up, folder):
+            raise RuntimeError("boom")
+
+    stage = Failing()
+    cfg = config(tmp_path)
+    with pytest.raises(RuntimeError, match="boom"):
+        run(stage, cfg)
+    assert not (stage.folder(cfg, None).path / LOCK).exists()
+
+
+def test_two_identical_commands_started_together_train_once_and_both_end_cleanly(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    env = os.environ | {
+        "MSIF_OUTPUTS": str(tmp_path / "out"),
+        "MSIF_CACHE": str(tmp_path / "c"),
+        "OMP_NUM_THREADS": "1",
+    }
+    args = [sys.executable, "-m", "msif", "pretrain", "dataset=tiny", "train.pretrain.steps=2000"]
+    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in "ab"]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all("Traceback" not in o for o in outs), outs
+    assert sorted(p.returncode for p in procs) in ([0, 0], [0, 2]), outs
+    # one trains; the other is refused with the owner named, or (had the first finished already) reuses its run
+    others = [o for o in outs if "is in use by PID" in o or "reusing the finished run" in o]
+    assert len(others) == 1, outs
+    (checkpoint,) = (tmp_path / "out").rglob("checkpoint.pt")
+    torch.load(checkpoint, weights_only=True)
+    assert not list((tmp_path / "out").rglob(".lock"))
