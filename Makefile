@@ -24,13 +24,16 @@ demo: install  ## the main job on the embedded 8x8 digits (no download): pretrai
 	$(BIN)/msif influence case=updated
 
 test: install  ## the fast test suite (about 3 minutes on 2 cores)
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow and not faults" -q
 
 coverage: install  ## the fast suite under coverage.py (subprocesses included), then the line-coverage report
 	rm -rf .coverage && mkdir -p .coverage
 	$(BIN)/python -m coverage run -m pytest -m "not slow" -q
 	$(BIN)/python -m coverage combine -q
 	$(BIN)/python -m coverage report --sort=cover | tail -25
+
+test-faults: install  ## fault injection: signals to running commands and their workers (about a minute)
+	$(BIN)/python -m pytest -m faults -q
 
 test-slow: install  ## the slow tests only (real data sets, full-size networks)
 	$(BIN)/python -m pytest -m slow -q

@@ -22,6 +22,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import nullcontext
 from multiprocessing import get_context
 from pathlib import Path
@@ -199,19 +200,72 @@ def run_jobs(
         finally:
             torch.set_num_threads(previous)
         return
-    initargs = (OmegaConf.to_yaml(cfg, resolve=True), threads, state)
-    with ProcessPoolExecutor(
-        workers, mp_context=get_context("spawn"), initializer=_start_worker, initargs=initargs
-    ) as pool:
-        for f in as_completed([pool.submit(_in_worker, work, *job) for job in jobs]):
-            yield f.result()
+    initargs = (OmegaConf.to_yaml(cfg, resolve=True), threads, state, os.getpid())
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker, initargs=initargs)
+    futures = [pool.submit(_in_worker, work, *job) for job in jobs]
+    given: set = set()
+    try:
+        for f in as_completed(futures):
+            given.add(f)
+            try:
+                result = f.result()
+            except BrokenProcessPool:
+                raise MsifError(
+                    "A worker process ended abruptly (killed from outside, or out of memory) while computing "
+                    "retrains. Every retrain that finished before is saved.",
+                    "Rerun the same command to continue; if memory ran out, use fewer workers (loo.workers or "
+                    "lds.workers).",
+                ) from None
+            yield result
+    except KeyboardInterrupt:
+        # Ctrl-C: no new jobs; what the workers finished already is handed over before the interrupt goes on
+        for f in futures:
+            f.cancel()
+        for f in futures:
+            if f.done() and not f.cancelled() and f not in given and f.exception() is None:
+                given.add(f)
+                yield f.result()
+        raise
+    finally:
+        for f in futures:
+            f.cancel()
+        _stop(pool)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """End the pool now: running jobs are abandoned (their work is redone by a rerun), not waited for."""
+    processes = list(getattr(pool, "_processes", {}).values())  # the executor has no public way to stop a job
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    for p in processes:
+        p.join(timeout=10)
 
 
 _worker_state: Any = None  # a spawned worker's state, made once by _start_worker (the pool's only global)
 
 
-def _start_worker(config: str, threads: int, state: Callable[[DictConfig, Context], Any]) -> None:
+def _die_with(parent: int) -> None:
+    """Make the kernel kill this worker when its parent dies (Linux PR_SET_PDEATHSIG), e.g. on SIGKILL of the
+    command, instead of leaving it computing for no one; elsewhere the pool's own shutdown has to do."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the line above ran
+        os._exit(1)
+
+
+def _start_worker(config: str, threads: int, state: Callable[[DictConfig, Context], Any], parent: int) -> None:
     global _worker_state
+    _die_with(parent)
     torch.set_num_threads(threads)
     cfg = OmegaConf.create(config)
     _worker_state = state(cfg, Context(cfg))
