@@ -118,7 +118,7 @@ def influence_settings(cfg: DictConfig, finetune_signature: str) -> dict[str, An
     """The settings that determine an influence table, chained to its finetune checkpoint's signature (single-stage:
     the pretrain checkpoint's)."""
     extra = {}
-    if cfg.get("response") is not None and cfg.response.kind != "inverse":  # the default leaves old signatures be
+    if response_kind(cfg) == "retrain":  # the inverse's runs keep the signatures they had before this setting
         extra["response"] = cfg.response
     if cfg.get("mode", "multi_stage") == "single_stage":  # chained to the pretrain run; no finetune case
         return extra | {
@@ -148,38 +148,46 @@ def influence_settings(cfg: DictConfig, finetune_signature: str) -> dict[str, An
 RESPONSE_METHODS = ("lanczos", "exact")  # the solvers that can apply the retrain response (a matrix function)
 
 
-def check_response(cfg: DictConfig, solvers: dict) -> None:
-    """`response.kind=retrain` needs a learning rate and solvers that apply a matrix function of H."""
+def response_kind(cfg: DictConfig) -> str:
+    """What stands in for each inverse Hessian: "retrain" when `response.kind=retrain` (profile cpu's default) and
+    both solvers can apply it; else "inverse" (the other solvers compute a damped inverse, and say so)."""
     response = cfg.get("response")
-    if response is None or response.kind == "inverse":
-        return
-    if response.lr is None:
+    if response is None or response.kind != "retrain" or "solver" not in cfg:
+        return "inverse"
+    methods = [cfg.solver[side].method for side in ("pretrain", "finetune")]
+    return "retrain" if all(m in RESPONSE_METHODS for m in methods) else "inverse"
+
+
+def check_response(cfg: DictConfig, solvers: dict) -> None:
+    """The retrain response needs the retrains' SGD learning rate."""
+    if response_kind(cfg) == "retrain" and cfg.response.lr is None:
         raise MsifError(
             "response.kind=retrain predicts the response of SGD steps, but response.lr is null (the training "
             "recipe's optimizer may not even be SGD).",
-            "Set response.lr (validate-loo: loo.lr) to the retrains' SGD learning rate.",
+            "Set response.lr (validate-loo: loo.lr) to the retrains' SGD learning rate, or use response.kind=inverse.",
         )
-    for side, settings in solvers.items():
-        if settings.method not in RESPONSE_METHODS:
-            raise MsifError(
-                f"response.kind=retrain needs a solver that applies a function of the Hessian, but the {side} "
-                f"solver is {settings.method}.",
-                "Use solver=lanczos (the default) or solver=exact, or response.kind=inverse.",
-            )
 
 
 def response_solvers(cfg: DictConfig, solvers: dict, m: int) -> dict:
-    """The solver settings with the retrain response filled in when `response.kind=retrain`: η = response.lr for
-    both, K = response.finetune_steps for the finetune Hessian and K_p (steps, or whole passes over the m
+    """The solver settings with the retrain response filled in when it applies (`response_kind`): η = response.lr
+    for both, K = response.finetune_steps for the finetune Hessian and K_p (steps, or whole passes over the m
     pretraining examples in batches of the pretrain recipe's) for the pretrain one; else `solvers` as they are."""
     import dataclasses
+    import logging
 
     from msif.training import retrain_schedule
 
-    response = cfg.get("response")
-    if response is None or response.kind == "inverse":
+    if response_kind(cfg) != "retrain":
+        if cfg.get("response") is not None and cfg.response.kind == "retrain":
+            methods = sorted({s.method for s in solvers.values()} - set(RESPONSE_METHODS))
+            logging.getLogger(__name__).info(
+                "solver %s computes a damped inverse; the retrain response (response.kind=retrain) needs lanczos "
+                "or exact, so these scores use the inverse",
+                "/".join(methods),
+            )
         return solvers
     check_response(cfg, solvers)
+    response = cfg.response
     k_p, _ = retrain_schedule(
         m,
         int(cfg.train.pretrain.batch_size),

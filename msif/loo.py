@@ -208,7 +208,10 @@ def check_selection(loo: DictConfig, m: int) -> None:
 def select_examples(scores: pd.DataFrame, loo: DictConfig, m: int) -> list[int]:
     """The pretraining rows to retrain without: explicit `indices`, or k chosen by `selection` (seeded).
 
-    `mix` (default): the k/2 largest |scores|, then a uniform random draw from the rest; `top`; `random`.
+    `mix` (default): the k/2 largest |scores|, then a uniform random draw from the rest; `top`; `random`. The draw
+    walks one seeded permutation of the scored rows and skips the ones already taken, so it does not depend on the
+    scores: validate-loo runs of two score tables of one model draw (nearly) the same random examples and share
+    those retrains (`measured_elsewhere`).
     """
     check_selection(loo, m)
     if loo.indices is not None:
@@ -216,13 +219,17 @@ def select_examples(scores: pd.DataFrame, loo: DictConfig, m: int) -> list[int]:
     k = int(loo.k)
     by_size = scores.assign(a=scores["score"].abs()).sort_values(["a", "index"], ascending=[False, True])
     ordered = by_size["index"].to_numpy()
-    rng = np.random.default_rng(int(loo.seed))
     if loo.selection == "top":
         return [int(i) for i in ordered[:k]]
     n_top = k // 2 if loo.selection == "mix" else 0
-    rest = np.sort(ordered[n_top:])
-    drawn = rng.choice(rest, size=k - n_top, replace=False)
-    return [int(i) for i in ordered[:n_top]] + [int(i) for i in drawn]
+    top = [int(i) for i in ordered[:n_top]]
+    taken = set(top)
+    walk = np.random.default_rng(int(loo.seed)).permutation(np.sort(ordered))
+    drawn = [int(i) for i in walk if int(i) not in taken][: k - n_top]
+    return top + drawn
+
+
+SELECTION_DRAW = "permutation"  # in validate-loo's signature: tables drawn by the earlier rule keep their folders
 
 
 def correlation(predicted: np.ndarray, actual: np.ndarray, seed: int = 0, resamples: int = 2000) -> dict:
@@ -275,6 +282,57 @@ def _spearman(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
     return _pearson(rankdata(a, axis=axis), rankdata(b, axis=axis), axis=axis)
 
 
+# the loo settings a retrain's measured L_T depends on (with the finetuned model, T and the training recipe)
+RETRAIN_KEYS = ("seed", "pretrain_steps", "pretrain_epochs", "finetune_steps", "removal", "optimizer", "lr",
+                "finetune_start")  # fmt: skip
+
+
+def retrain_key(cfg: DictConfig) -> dict:
+    """What decides a leave-one-out retrain's measured L_T, apart from the finetuned model it starts from: the retrain
+    settings, the seeds (`repeats`), the reference, the target T, the case and the training recipe and dtype.
+    Two validate-loo runs of one finetuned model with equal keys measure the same ΔL_T for the same z, whatever
+    score tables they compare it with."""
+    loo = {k: cfg.loo.get(k) for k in (*RETRAIN_KEYS, "repeats", "reference")}
+    if cfg.case.name == "fixed":
+        loo.pop("finetune_start")  # only matters when the embedding is finetuned
+    return to_plain(
+        {
+            "loo": loo,
+            "target": {k: v for k, v in cfg.target.items() if k != "chunk"},
+            "case": cfg.case.name,
+            "train": cfg.train,
+            "dtype": cfg.dtype,
+        }
+    )
+
+
+def measured_elsewhere(cfg: DictConfig, here: Path, references: list[float]) -> dict[int, dict]:
+    """Retrains another validate-loo run of the same finetuned model already measured under the same retrain key
+    and the very same reference losses (bit for bit: the same retrains), by pretraining row: their loo.csv rows
+    (ΔL_T per seed, seconds). `here` is this run's folder, <finetune run>/<influence run>/loo-<sig>."""
+    import logging
+
+    key, found = retrain_key(cfg), {}
+    effects = [f"actual_effect_r{i}" for i in range(int(cfg.loo.repeats))] if int(cfg.loo.repeats) > 1 else []
+    for csv in sorted(here.parent.parent.glob("*/loo-*/loo.csv")):
+        other = csv.parent
+        if other == here or read_json(other / "reference.json").get("test_loss") != references:
+            continue
+        try:  # read only: the other run may be appending to its table right now
+            same = retrain_key(OmegaConf.load(other / "config.yaml")) == key
+            rows = pd.read_csv(csv, on_bad_lines="skip") if same else None
+            wanted = ["index", "actual_effect", "seconds", *effects]
+            rows = None if rows is None else rows[wanted].dropna().astype({"index": int})
+        except Exception as err:  # another run's unreadable files are its own problem: measure here instead
+            logging.getLogger(__name__).info("not reusing retrains from %s: %s", other, err)
+            continue
+        if rows is None:
+            continue
+        for r in rows.to_dict("records"):
+            found.setdefault(int(r["index"]), r | {"from": str(other)})
+    return found
+
+
 def reference_losses(retrainer: Retrainer, path: Path, seeds: list[int], reference: str = "retrain") -> list[float]:
     """L_T of the reference per retrain seed: the retrain with nothing removed under that seed (`reference`
     "retrain"), or the original finetuned model ("original", the same for every seed); cached in
@@ -283,6 +341,19 @@ def reference_losses(retrainer: Retrainer, path: Path, seeds: list[int], referen
     cached = read_json(file)
     if cached.get("reference") == reference and cached.get("seeds") == seeds and "test_loss" in cached:
         return [float(v) for v in cached["test_loss"]]
+    same = retrain_key(retrainer.cfg) if path.name.startswith("loo-") else None
+    for other in sorted(path.parent.parent.glob("*/loo-*/reference.json")) if same else []:
+        # another validate-loo run of this model with the same retrain settings made these very retrains
+        theirs = read_json(other)
+        if other.parent == path or theirs.get("reference") != reference or theirs.get("seeds") != seeds:
+            continue
+        try:
+            if retrain_key(OmegaConf.load(other.parent / "config.yaml")) != same:
+                continue
+        except Exception:  # noqa: BLE001  (an unreadable config: that run's problem; measure here)
+            continue
+        atomic_write_json(theirs | {"seconds": 0.0, "from": str(other.parent)}, file)
+        return [float(v) for v in theirs["test_loss"]]
     start = time.perf_counter()
     if reference == "retrain":
         losses = [retrainer.test_loss(None, seed=seed) for seed in seeds]

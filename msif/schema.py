@@ -165,6 +165,7 @@ class Profile:
     loo: dict[str, LooSteps] = field(default_factory=dict)
     budget: Budget = field(default_factory=Budget)
     relative_damping: RelativeDamping = field(default_factory=RelativeDamping)
+    response: str = one_of("inverse", "retrain", default="inverse")
 
 
 @dataclass

@@ -94,7 +94,7 @@ def test_msif_influence_mode_single_stage_scores_the_pretrained_network_on_its_o
     from msif.stages.pretrain import pretrained
     from tests.helpers.configs import compose_cfg
 
-    overrides = ["dataset=tiny", "dtype=float64", "solver=exact", "mode=single_stage"]
+    overrides = ["dataset=tiny", "dtype=float64", "solver=exact", "response.kind=inverse", "mode=single_stage"]
     result = influence(compose_cfg("influence", overrides))
     assert result.path.name.startswith("influence-single-") and result.path.parent.name.startswith("pretrain-")
     assert result.summary["mode"] == "single_stage" and result.summary["finetune_run"] is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,7 @@ CONVEX = [
     "dataset=tiny",
     "dtype=float64",
     "solver=exact",
+    "response.kind=inverse",  # at the minimiser a long retrain converges: the inverse is the answer
     "solver.pretrain.normal=false",  # the minimiser's Hessian is H_CE + μI: the damped system, not the paper's
     "solver.finetune.normal=false",
     "dataset.influence.pretrain_damping=0.05",
@@ -85,20 +87,22 @@ def test_the_retrain_response_predicts_short_retrains_to_first_order_and_the_inv
     assert slope_inv > 3, (r_inv, slope_inv)
 
 
-def test_the_retrain_response_is_refused_with_a_solver_that_cannot_apply_it_and_keeps_old_signatures(env):
-    refused(
-        msif(["influence", "dataset=tiny", "response.kind=retrain", "solver=cg_normal"]),
-        "response.kind=retrain needs a solver that applies a function of the Hessian",
-        "solver=lanczos",
-    )
+def test_the_retrain_response_falls_back_to_the_inverse_where_a_solver_cannot_apply_it_and_keeps_old_signatures(
+    env,
+):
+    run = ok(msif(["influence", "dataset=tiny", "response.kind=retrain", "solver=cg_normal"]))
+    text = " ".join(run.stdout.split())
+    assert "the retrain response (response.kind=retrain) needs lanczos or exact" in text
+    assert "(H² + λI) x = H b" in text  # the solve table names the system the scores did use
     refused(msif(["validate-loo", *FAST, "response.kind=retrain", "loo.lr=null"]), "response.lr is null", "loo.lr")
     from msif.config import influence_settings
 
     def signature(*overrides: str) -> dict:
         return influence_settings(compose_cfg("influence", ["dataset=tiny", *overrides]), "finetune-signature")
 
-    assert signature() == signature("response.lr=0.3")  # the inverse's runs do not depend on the response block
-    assert "response" not in signature() and signature("response.kind=retrain")["response"]["kind"] == "retrain"
+    inverse = ("response.kind=inverse",)
+    assert signature(*inverse) == signature(*inverse, "response.lr=0.3")  # the inverse ignores the response block
+    assert "response" not in signature(*inverse) and signature()["response"]["kind"] == "retrain"  # the default
 
 
 def test_the_with_and_without_retrains_see_identical_batches_apart_from_z(env, prebuilt):
@@ -180,7 +184,8 @@ def test_outputs_and_the_identity_ablation(env, tmp_path, prebuilt):
     assert "4 already done" in again.stdout and "0 to go" in again.stdout
     assert "noise: 2 retrain seeds" in proc.stdout and "test–retest" in proc.stdout
     # the influence run's verdict now includes this validate-loo run's r (and its noise ceiling)
-    verdict = ok(msif(["influence", *FAST[:1]]))
+    # the influence run validate-loo scored: its retrain response is that of FAST's 5 + 5 retrain steps
+    verdict = ok(msif(["influence", *FAST[:1], "response.pretrain_steps=5", "response.finetune_steps=5"]))
     assert f"r = {summary['correlation']['msif']['pearson_r']:.3f} over 4 retrains" in verdict.stdout
 
 
@@ -195,6 +200,11 @@ def test_selection_mixes_the_largest_scores_with_a_seeded_random_draw():
     assert picked[:5] == [99, 98, 97, 96, 95] and len(set(picked)) == 10
     assert picked == select_examples(scores, loo, 100)
     assert select_examples(scores, OmegaConf.merge(loo, {"seed": 4}), 100)[5:] != picked[5:]
+    # another score table of the same examples: another top half, the same random draw wherever it can be
+    other = select_examples(scores.assign(score=scores["score"].abs()[::-1].to_numpy()), loo, 100)
+    assert other[:5] == [0, 1, 2, 3, 4]
+    shared = [i for i in picked[5:] if i not in other[:5]]
+    assert [i for i in other[5:] if i not in picked[:5]][: len(shared)] == shared
 
 
 def test_correlation_matches_numpy_and_has_an_interval():
@@ -369,3 +379,29 @@ def test_the_noise_ceiling_is_the_square_root_of_the_spearman_brown_reliability(
     # signal variance 1, noise 1 per seed: retest ≈ 0.5, so the mean of two has reliability ≈ 2/3
     assert 0.55 < found["reliability_of_mean"] < 0.78
     assert noise(frame[["actual_effect_r0"]], [1.0], r=0.5)["ceiling"] is None
+
+
+def test_retrains_measured_for_another_score_table_of_the_same_model_are_reused_not_redone(env, prebuilt, capsys):
+    rows = ["loo.indices=[3,17,40,99]"]
+    first = validate_loo(compose_cfg("validate-loo", [*FAST, *rows])).table.set_index("index")
+    capsys.readouterr()
+    # other scores (another influence run), the same retrains for three of the examples and one new
+    other = [*FAST, "loo.indices=[3,17,99,120]", "response.kind=retrain", "solver=exact"]
+    second = validate_loo(compose_cfg("validate-loo", other)).table.set_index("index")
+    out = " ".join(capsys.readouterr().out.split())
+    assert "3 of the retrains were measured already" in out
+    assert (second["score"] != first["score"].reindex(second.index)).any()  # really another score table
+    for col in ("actual_effect", "actual_effect_r0", "actual_effect_r1"):
+        assert (second.loc[[3, 17, 99], col] == first.loc[[3, 17, 99], col]).all()
+    assert (second.loc[[3, 17, 99], "seconds"] == 0).all() and second.loc[120, "seconds"] > 0
+    different = validate_loo(compose_cfg("validate-loo", [*other, "loo.lr=0.01"])).table
+    assert "measured already" not in capsys.readouterr().out  # other retrains: nothing reused
+    assert (different["seconds"] > 0).all()
+    # retrained here instead, with every other validate-loo run gone, the numbers are the same bit for bit
+    import shutil
+
+    for folder in Path(env["MSIF_OUTPUTS"]).rglob("loo-*"):
+        shutil.rmtree(folder)
+    again = validate_loo(compose_cfg("validate-loo", other)).table.set_index("index")
+    assert "measured already" not in capsys.readouterr().out and (again["seconds"] > 0).all()
+    pd.testing.assert_frame_equal(again.drop(columns="seconds"), second.drop(columns="seconds"))

@@ -29,7 +29,7 @@ from msif.errors import MsifError
 from msif.io import atomic_write_json
 from msif.lds import group_effect, lds, per_test_lds, removed_rows, score_matrix
 from msif.lifecycle import Context, ResumableRows, Stage, run, run_jobs, threads_per_worker
-from msif.loo import Retrainer, reference_losses
+from msif.loo import RETRAIN_KEYS, Retrainer, reference_losses
 from msif.runs import RunFolder
 from msif.stages.influence import INFLUENCE, InfluenceResult, influence, report_reliability
 from msif.stages.validate_loo import compare_config, make_retrainer
@@ -37,8 +37,6 @@ from msif.summaries import lds_table
 from msif.targets import require_multi_stage
 
 BASELINES = ("identity", "single_stage")
-RETRAIN_KEYS = ("seed", "pretrain_steps", "pretrain_epochs", "finetune_steps", "removal", "optimizer", "lr",
-                "finetune_start")  # fmt: skip
 
 
 @dataclass

@@ -15,15 +15,17 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from msif.config import CONF_DIR
+from msif.config import CONF_DIR, RESPONSE_METHODS
 from msif.console import console, progress, say
 from msif.errors import MsifError
 from msif.io import atomic_write_json, atomic_write_text
 from msif.lifecycle import Context, ResumableRows, Stage, run, run_jobs, threads_per_worker
 from msif.loo import (
+    SELECTION_DRAW,
     Retrainer,
     check_selection,
     correlation,
+    measured_elsewhere,
     noise,
     plot,
     reference_losses,
@@ -91,6 +93,7 @@ class ValidateLoo(Stage):
             "influence": up.main.path.name,
             "loo": {k: v for k, v in cfg.loo.items() if k not in NOT_IN_SIGNATURE[cfg.case.name]},
             "compare": up.compared.path.name if up.compared else None,
+            "draw": SELECTION_DRAW,
         }
 
     def location(self, cfg: DictConfig, up: Scored, signature: str) -> Path:
@@ -139,8 +142,7 @@ class ValidateLoo(Stage):
         scores = up.main.scores.set_index("index")["score"]
         other = up.compared.scores.set_index("index")["score"] if up.compared else None
 
-        def row(z: int, losses: list[float], seconds: float) -> dict:
-            effects = [loss - ref for loss, ref in zip(losses, references, strict=True)]  # each against its pair
+        def row(z: int, effects: list[float], seconds: float) -> dict:
             r = {
                 "index": z,
                 "source_index": int(pre_set.source_index[z]),
@@ -159,6 +161,20 @@ class ValidateLoo(Stage):
                 r[f"{compare}_predicted_effect"] = -float(other[z]) / m
             return r
 
+        elsewhere = measured_elsewhere(cfg, folder.path, references)
+        reused = [z for z in todo if z in elsewhere]
+        for z in reused:  # the same retrains, measured for another score table of this model: not redone
+            e = elsewhere[z]
+            table.append(row(z, [e[c] for c in repeats] if repeats else [e["actual_effect"]], 0.0))
+        if reused:
+            sources = sorted({elsewhere[z]["from"] for z in reused})
+            say(
+                f"{len(reused)} of the retrains were measured already, with the same retrain settings and reference "
+                f"losses, by {len(sources)} other validate-loo run(s) of this model ({', '.join(sources)}): reused "
+                "(their seconds count as 0 here)"
+            )
+        todo = [z for z in todo if z not in elsewhere]
+
         start = time.perf_counter()
         workers = int(cfg.loo.workers)
         threads = threads_per_worker(cfg.loo.threads, workers)
@@ -166,7 +182,8 @@ class ValidateLoo(Stage):
             task = bar.add_task("leave-one-out retrains", total=len(selection), completed=table.done, info="")
             jobs = [(z,) for z in todo]
             for z, losses, seconds in run_jobs(jobs, workers, threads, cfg, make_retrainer, retrain, here=retrainer):
-                table.append(row(z, losses, seconds))
+                effects = [loss - ref for loss, ref in zip(losses, references, strict=True)]  # each against its pair
+                table.append(row(z, effects, seconds))
                 frame = table.frame()
                 r = correlation(frame["predicted_effect"].to_numpy(), frame["actual_effect"].to_numpy(), resamples=0)
                 rate = (len(table.rows) - table.done) / max(time.perf_counter() - start, 1e-9) * 60
@@ -215,14 +232,22 @@ def validate_loo(cfg: DictConfig, ctx: Context | None = None) -> LooResult:
 
 
 def compare_config(cfg: DictConfig, name: str) -> DictConfig:
-    """A copy of `cfg` with the `solver` group replaced by conf/solver/<name>.yaml (loo.compare)."""
-    file = Path(CONF_DIR) / "solver" / f"{name}.yaml"
-    if not file.exists():
-        options = sorted(p.stem for p in file.parent.glob("*.yaml"))
-        raise MsifError(f"loo.compare={name} is not a solver.", f"Use one of {options}.")
+    """A copy of `cfg` scoring with something else (loo.compare): `inverse`, the same solvers with the damped inverse
+    instead of the retrain response (response.kind=inverse); or the solver group conf/solver/<name>.yaml, with the
+    retrain response kept where that solver can apply it (lanczos, exact) and the inverse otherwise (identity: the
+    paper's ablation of the inverse)."""
     other = copy.deepcopy(cfg)
     OmegaConf.set_struct(other, False)
+    if name == "inverse":
+        other.response.kind = "inverse"
+        return other
+    file = Path(CONF_DIR) / "solver" / f"{name}.yaml"
+    if not file.exists():
+        options = sorted(["inverse", *(p.stem for p in file.parent.glob("*.yaml"))])
+        raise MsifError(f"loo.compare={name} is not a solver.", f"Use one of {options}.")
     other.solver = OmegaConf.load(file)
+    if any(other.solver[side].method not in RESPONSE_METHODS for side in ("pretrain", "finetune")):
+        other.response.kind = "inverse"
     return other
 
 
