@@ -179,14 +179,15 @@ class ValidateLoo(Stage):
         workers = int(cfg.loo.workers)
         threads = threads_per_worker(cfg.loo.threads, workers)
         with progress() as bar:
-            task = bar.add_task("leave-one-out retrains", total=len(selection), completed=table.done, info="")
+            before = len(table.rows)  # finished earlier or reused: not part of this run's rate
+            task = bar.add_task("leave-one-out retrains", total=len(selection), completed=before, info="")
             jobs = [(z,) for z in todo]
             for z, losses, seconds in run_jobs(jobs, workers, threads, cfg, make_retrainer, retrain, here=retrainer):
                 effects = [loss - ref for loss, ref in zip(losses, references, strict=True)]  # each against its pair
                 table.append(row(z, effects, seconds))
                 frame = table.frame()
                 r = correlation(frame["predicted_effect"].to_numpy(), frame["actual_effect"].to_numpy(), resamples=0)
-                rate = (len(table.rows) - table.done) / max(time.perf_counter() - start, 1e-9) * 60
+                rate = (len(table.rows) - before) / max(time.perf_counter() - start, 1e-9) * 60
                 bar.update(task, completed=len(table.rows), info=f"r = {r['pearson_r']:+.3f}  {rate:.1f} retrains/min")
 
         frame = table.frame()
