@@ -74,6 +74,37 @@ def test_missing_mnist_names_the_folder_and_what_to_put_there(env, tmp_path):
     assert str(tmp_path / "data") in text and "MNIST/raw" in text and "MSIF_DATA" in text
 
 
+def _idx(tensor) -> bytes:
+    """An IDX file of unsigned bytes, written independently of msif's reader (the format's spec)."""
+    header = bytes([0, 0, 0x08, tensor.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in tensor.shape)
+    return header + tensor.numpy().astype("uint8").tobytes()
+
+
+def test_mnist_idx_files_load_plain_or_gzipped_and_a_cut_file_is_refused(env, tmp_path):
+    import gzip
+
+    from msif.data.sources import read_idx
+
+    g = torch.Generator().manual_seed(0)
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    split = {}
+    for prefix, n in (("train", 60), ("t10k", 30)):
+        images = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+        labels = torch.arange(n, dtype=torch.uint8) % 10
+        (raw / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images)))  # as distributed
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(labels))  # as unpacked
+        split[prefix] = (images, labels)
+    _, tasks = tasks_for("mnist", "dataset.download=false", "dataset.finetune.n_train=10")
+    digits03 = split["train"][1] < 4
+    assert torch.equal(tasks.pretrain.train.y, split["train"][1][digits03].long())
+    assert torch.equal(tasks.pretrain.train.source_index, torch.nonzero(digits03).flatten())
+    cut = raw / "t10k-labels-idx1-ubyte"
+    cut.write_bytes(cut.read_bytes()[:-3])
+    with pytest.raises(MsifError, match="cut off or damaged"):
+        read_idx(cut)
+
+
 def test_missing_cifar_names_both_layouts(env, tmp_path):
     with pytest.raises(MsifError) as err:
         tasks_for("cifar", "dataset.download=false")
@@ -126,3 +157,10 @@ def test_real_mnist_splits_match_the_paper(monkeypatch, env):
     assert len(tasks.finetune.train) == 5000
     assert len(tasks.finetune.test) == 10000 - 4157 and len(tasks.pretrain.test) == 4157
     assert tasks.pretrain.train.x.shape[1:] == (1, 28, 28)
+    from torchvision.datasets import MNIST
+
+    from msif.data.sources import read_idx
+
+    theirs = MNIST(str(SHARED_DATA), train=False, download=False)  # torchvision's own reader, as a cross-check
+    ours = read_idx(SHARED_DATA / "MNIST" / "raw" / "t10k-images-idx3-ubyte")
+    assert torch.equal(ours, theirs.data)

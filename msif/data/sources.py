@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -94,41 +95,92 @@ def _data_root(ds: DictConfig) -> Path:
     return Path(os.path.expanduser(str(ds.root)))
 
 
-def _load_mnist(ds: DictConfig, cache_dir: str | None) -> Source:
-    from torchvision.datasets import MNIST
+MNIST_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
+
+def read_idx(path: Path) -> torch.Tensor:
+    """An IDX file (MNIST's format: magic 0x0000 08 <ndim>, big-endian int32 sizes, then uint8 data), plain or
+    gzip-compressed (read by its magic bytes, whatever the file is called)."""
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise MsifError(
+            f"{path} is not an IDX file of unsigned bytes (MNIST's format).",
+            "Replace it with the original MNIST file (plain or .gz).",
+        )
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    start, count = 4 + 4 * ndim, math.prod(dims)
+    if len(raw) - start != count:
+        raise MsifError(
+            f"{path} holds {len(raw) - start:,} bytes of data where its header promises {count:,} ({dims}): the file "
+            "is cut off or damaged.",
+            "Replace it with the original MNIST file.",
+        )
+    return torch.frombuffer(bytearray(raw[start:]), dtype=torch.uint8).reshape(dims)
+
+
+def _mnist_files(raw: Path, train: bool) -> tuple[Path, Path] | None:
+    """The split's image and label files in `raw`, each plain or .gz; None when either is missing."""
+    found = []
+    for name in MNIST_FILES[train]:
+        path = next((p for p in (raw / name, raw / f"{name}.gz") if p.is_file()), None)
+        if path is None:
+            return None
+        found.append(path)
+    return found[0], found[1]
+
+
+def _load_mnist(ds: DictConfig, cache_dir: str | None) -> Source:
     root = _data_root(ds)
+    raw = root / "MNIST" / "raw"
     splits = {}
     for train in (True, False):
-        try:
-            splits[train] = MNIST(str(root), train=train, download=False)
-        except RuntimeError:
+        files = _mnist_files(raw, train)
+        if files is None:
             if not ds.download:
                 raise _missing_data(
                     "MNIST",
-                    root / "MNIST" / "raw",
+                    raw,
                     "Put the four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-                    "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, optionally .gz) in "
+                    "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, each plain or .gz) in "
                     "<data folder>/MNIST/raw/, or allow dataset.download=true on a machine with "
                     "internet.",
-                ) from None
+                )
             try:
-                splits[train] = MNIST(str(root), train=train, download=True)
+                from torchvision.datasets import MNIST
+
+                MNIST(str(root), train=train, download=True)
             except Exception:  # noqa: BLE001 - any network/IO failure means the same thing to the user
                 raise _missing_data(
                     "MNIST",
-                    root / "MNIST" / "raw",
+                    raw,
                     "Put the four MNIST IDX files in <data folder>/MNIST/raw/ (torchvision's "
                     "layout), or run once on a machine with internet.",
                 ) from None
-    tr, te = splits[True], splits[False]
+            files = _mnist_files(raw, train)
+            if files is None:
+                raise _missing_data("MNIST", raw, "The download did not leave the four IDX files there.")
+        images, labels = (read_idx(f) for f in files)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise MsifError(
+                f"The MNIST files in {raw} do not fit together: images {tuple(images.shape)}, labels "
+                f"{tuple(labels.shape)}.",
+                "Replace them with the original four MNIST files.",
+            )
+        splits[train] = (images, labels)
+    (x_tr, y_tr), (x_te, y_te) = splits[True], splits[False]
     return Source(
         "mnist",
         [str(i) for i in range(10)],
-        tr.data.unsqueeze(1),
-        tr.targets.long(),
-        te.data.unsqueeze(1),
-        te.targets.long(),
+        x_tr.unsqueeze(1),
+        y_tr.long(),
+        x_te.unsqueeze(1),
+        y_te.long(),
         scale=1 / 255,
     )
 
