@@ -119,9 +119,24 @@ def compare_conditions(frame: pd.DataFrame) -> dict:
                 "mean": _stat(diff.to_numpy(), "mean"),
                 "std": _stat(diff.to_numpy(), "std"),
                 "per_seed": {int(s): float(v) for s, v in diff.items()},
+                **paired_test(diff.to_numpy()),
             }
         out["paired"][f"{a} - {b}"] = d
     return out
+
+
+def paired_test(diff: np.ndarray) -> dict:
+    """The paired t-test of the per-seed differences (H0: mean 0; scipy.stats.ttest_1samp, two-sided) and the t
+    interval of their mean; None where fewer than 2 seeds (or no spread) leave nothing to test."""
+    from scipy import stats
+
+    n = len(diff)
+    spread = float(np.ptp(diff)) if n else 0.0
+    if n < 2 or not np.isfinite(diff).all() or spread <= 1e-12 * max(float(np.abs(diff).max()), 1e-300):
+        return {"n": n, "t": None, "p_value": None, "ci95": None}
+    res = stats.ttest_1samp(diff, 0.0)
+    ci = res.confidence_interval(0.95)
+    return {"n": n, "t": float(res.statistic), "p_value": float(res.pvalue), "ci95": [float(ci.low), float(ci.high)]}
 
 
 _METRICS = ("test_accuracy", "test_loss")

@@ -122,11 +122,17 @@ def cleanse_tables(summary: dict, conditions: tuple[str, ...]) -> list[Table]:
         for c in conditions
         if c in cond
     ]
+
+    def p(d: dict) -> str:
+        return "" if d.get("p_value") is None else f"{d['p_value']:.3g}"
+
     paired = [
         [
             name,
             f"{100 * d['test_accuracy']['mean']:+.2f} ± {100 * d['test_accuracy']['std']:.2f} points",
+            p(d["test_accuracy"]),
             f"{d['test_loss']['mean']:+.4f} ± {d['test_loss']['std']:.4f}",
+            p(d["test_loss"]),
         ]
         for name, d in summary["paired"].items()
     ]
@@ -137,7 +143,11 @@ def cleanse_tables(summary: dict, conditions: tuple[str, ...]) -> list[Table]:
             ["condition", "seeds", "accuracy (mean ± std)", "loss (mean ± std)"],
             rows,
         ),
-        table("paired differences over the same seeds", ["", "accuracy", "loss"], paired),
+        table(
+            "paired differences over the same seeds (p: two-sided paired t-test)",
+            ["", "accuracy", "p", "loss", "p"],
+            paired,
+        ),
     ]
 
 

@@ -82,6 +82,13 @@ def test_compare_conditions_pairs_by_seed():
     d = out["paired"]["harmful - none"]["test_accuracy"]
     assert d["mean"] == pytest.approx(0.015) and d["per_seed"] == {0: pytest.approx(0.02), 1: pytest.approx(0.01)}
     assert out["paired"]["harmful - random"]["test_loss"]["mean"] == pytest.approx(-0.175)
+    # the paired t-test by hand: t = mean / (sd / √n) on n − 1 = 1 degree of freedom, p = 2 (1 − F_t(|t|))
+    diffs = np.array([0.02, 0.01])
+    t = diffs.mean() / (diffs.std(ddof=1) / np.sqrt(2))
+    assert d["t"] == pytest.approx(t) and d["n"] == 2
+    assert d["p_value"] == pytest.approx(1 - 2 * np.arctan(abs(t)) / np.pi)  # Student t with 1 dof is Cauchy
+    half = 12.706204736 * diffs.std(ddof=1) / np.sqrt(2)  # t_{0.975, 1}
+    assert d["ci95"] == pytest.approx([diffs.mean() - half, diffs.mean() + half], rel=1e-6)
 
 
 def test_cleanse_end_to_end_writes_its_tables_and_resumes(env, prebuilt):

@@ -277,7 +277,8 @@ def _cleanse(ctx: Context, e: DictConfig) -> Entry:
     d = s["paired"]["harmful - none"]["test_accuracy"]
     measured = (
         f"no removal {acc['none']}, harmful removed {acc['harmful']}, random removed {acc['random']} "
-        f"(paired harmful − none {100 * d['mean']:+.2f} ± {100 * d['std']:.2f} points)"
+        f"(paired harmful − none {100 * d['mean']:+.2f} ± {100 * d['std']:.2f} points"
+        + (f", paired t-test p = {d['p_value']:.2g} over {d['n']} seeds)" if d.get("p_value") is not None else ")")
     )
     settings = _settings(cfg, "solver", "steps") + (
         f"; removed {s['removed']:,} of {s['m']:,} ({100 * s['fraction']:.0f}%), {s['start']} start, seeds {s['seeds']}"
