@@ -10,14 +10,17 @@ resumed table is always the table an uninterrupted run makes.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import torch
 
 from msif import distributed
 from msif.console import say
+from msif.errors import UnconvergedSolveWarning
 from msif.influence.solvers import SolveReport
-from msif.io import atomic_torch_save
+from msif.io import atomic_torch_save, atomic_write_json
+from msif.runs import read_json
 
 
 def solve_targets(
@@ -32,9 +35,18 @@ def solve_targets(
         file = partial / f"targets-{i:06d}-{len(block_rows):05d}.pt"
         saved = _saved(file, {"rows": block_rows}, ("S", (len(block_rows) if per_test else 1,)))
         if saved is not None:
-            for step, sec in saved["seconds"].items():
-                msi.trace.seconds[step] = msi.trace.seconds.get(step, 0.0) + sec
-            msi.trace.solves.extend(SolveReport(**r) for r in saved["solves"])
+            for step, sec in saved["seconds"].items():  # the earlier run's time, kept apart from this run's
+                msi.trace.reused_seconds[step] = msi.trace.reused_seconds.get(step, 0.0) + sec
+            reports = [SolveReport(**r) for r in saved["solves"]]
+            for r in reports:
+                if not r.converged and r.method != "identity":  # said when it was solved; said again now
+                    warnings.warn(
+                        f"the reused {r.label} Hessian IHVP ({r.method}, {r.iterations} iterations) stopped at "
+                        f"relative residual {r.residual:.3g}; ‖Hx − b‖/‖b‖ = {r.inverse_residual:.3g}.",
+                        UnconvergedSolveWarning,
+                        stacklevel=2,
+                    )
+            msi.trace.solves.extend(reports)
             blocks.append(saved["S"].to(msi.device))
             reused += 1
             continue
@@ -57,6 +69,11 @@ def score_in_parts(msi, S: torch.Tensor, rows: torch.Tensor, part_rows: int, par
     starts = list(range(0, len(rows), part_rows))
     targets = fingerprint(S)
     mine, reused = {}, 0
+    method_file = partial / "score_method.json"
+    if msi.score_method == "auto":  # the method an earlier run measured, so every part is scored the same way
+        earlier = read_json(method_file).get("method")
+        if earlier in ("jvp", "per_example"):
+            msi.score_method = earlier
     for j in distributed.shard(list(range(len(starts)))):
         i = starts[j]
         part = rows[i : i + part_rows].clone()
@@ -68,6 +85,12 @@ def score_in_parts(msi, S: torch.Tensor, rows: torch.Tensor, part_rows: int, par
             reused += 1
             continue
         scores = msi.score(S, part)
+        if msi.score_method == "auto" and msi.trace.scoring.get("method") in ("jvp", "per_example"):
+            # measured once, on this first part; the later parts (and a resumed run) keep it: the two ways agree
+            # only to rounding, and one table should not mix them
+            msi.score_method = msi.trace.scoring["method"]
+            if distributed.is_main():
+                atomic_write_json({"method": msi.score_method}, method_file)
         atomic_torch_save({"scores": scores, "rows": part, "targets": targets}, file)
         mine[j] = scores
     if reused:

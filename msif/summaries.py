@@ -47,7 +47,11 @@ def influence_tables(frame: pd.DataFrame, summary: dict, top_k: int) -> list[Tab
     sec = summary.get("seconds", {})
     order = ["gradients", "ihvp1", "mixed_term", "ihvp2", "ihvp", "scoring", "total"]
     steps = [k for k in order if k in sec] or order
-    tables.append(table("timings (s)", steps, [[f"{sec.get(s, 0.0):.2f}" for s in steps]]))
+    earlier = summary.get("seconds_reused") or {}
+    title = "timings (s)" + (
+        f" of this run; the solves it reused took {sum(earlier.values()):.1f} s in an earlier run" if earlier else ""
+    )
+    tables.append(table(title, steps, [[f"{sec.get(s, 0.0):.2f}" for s in steps]]))
     solves = summary.get("solves", [])
     if solves:
         tables.append(

@@ -174,6 +174,8 @@ def test_an_interrupted_run_resumes_from_its_saved_parts_and_ends_with_the_same_
     partial = reference.path / "partial"
     assert len(list(partial.glob("scores-*.pt"))) == 2 and not (reference.path / "summary.json").exists()
     assert len(list(partial.glob("targets-*.pt"))) == (2 if per_test else 1)
+    chosen = json.loads((partial / "score_method.json").read_text())["method"]  # measured once, kept for the rest
+    assert chosen in ("jvp", "per_example")
 
     solved = {"n": 0}
     original_targets = MultiStageInfluence.target_vectors
@@ -190,6 +192,9 @@ def test_an_interrupted_run_resumes_from_its_saved_parts_and_ends_with_the_same_
     pd.testing.assert_frame_equal(resumed.scores, table)
     assert not partial.exists()
     assert len(resumed.summary["solves"]) == len(reference.summary["solves"])
+    assert resumed.summary["scoring"]["method"] == chosen
+    # this run's timings hold no solve: the earlier run's solve time is reported apart, not added in
+    assert resumed.summary["seconds"].get("ihvp2", 0.0) == 0.0 and resumed.summary["seconds_reused"]["ihvp2"] > 0
 
 
 def test_a_resumed_run_with_other_blocks_or_parts_or_a_damaged_part_still_gives_the_uninterrupted_table(

@@ -38,6 +38,7 @@ class Trace:
     """Timings (seconds per step) and solver reports of one computation of s."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    reused_seconds: dict[str, float] = field(default_factory=dict)  # an earlier run's, on the parts reused
     solves: list[SolveReport] = field(default_factory=list)
     scoring: dict = field(default_factory=dict)  # how the examples were scored (method, measured seconds)
 

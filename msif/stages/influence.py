@@ -141,6 +141,7 @@ class Influence(Stage):
             "hessian_sample": {"pretrain": len(msi.hessian_index), "finetune": None if single else msi.H_F.n},
             "seconds": {k: round(v, 3) for k, v in msi.trace.seconds.items()}
             | {"total": round(time.perf_counter() - start, 3)},
+            "seconds_reused": {k: round(v, 3) for k, v in msi.trace.reused_seconds.items()} or None,
             "solves": [r.as_dict() for r in msi.trace.solves],
             "scoring": msi.trace.scoring,
             "score_stats": score_stats(frame["score"].to_numpy()),
