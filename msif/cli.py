@@ -97,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             "torchrun (validate-loo and cleanse spread their retrains over loo.workers / cleanse.workers processes)."
         )
         return 2
-    return run_stage(name, stage.entry, rest)
+    try:
+        return run_stage(name, stage.entry, rest)
+    except KeyboardInterrupt:  # Ctrl-C while starting up (imports, composing the config): nothing was written yet
+        print_error(f"msif {name} was interrupted while starting; nothing was written. Rerun the command to start it.")
+        return 130
 
 
 def run_stage(name: str, entry: str, overrides: list[str]) -> int:

@@ -140,3 +140,12 @@ def test_a_worker_killed_from_outside_ends_the_command_with_a_clear_error_and_th
     assert proc.returncode == 2 and "Traceback" not in out, out
     assert "worker process ended abruptly" in " ".join(out.split()), out
     assert rows(built) >= 1  # the table still parses, finished rows in it
+
+
+def test_ctrl_c_while_starting_up_ends_with_a_sentence_not_a_traceback(tmp_path):
+    proc = start(tmp_path, "influence", "dataset=tiny")
+    time.sleep(0.8)  # importing torch and composing the config: before any stage code runs
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in out, out
+    assert "interrupted" in out
