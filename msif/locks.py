@@ -3,7 +3,8 @@
 Two identical commands started together would otherwise both train (or both append every leave-one-out row, doubling
 the table). `claimed(folder)` creates `<folder>/.lock` with O_CREAT | O_EXCL, holding the owner's PID, host and start
 time, and removes it when the stage ends, however it ends. A second claim is refused with the owner named; a lock
-whose PID no longer runs on this host (a killed command) is stale and taken over.
+whose PID no longer runs on this host (a killed command) is stale and taken over. Holding the lock, the claimer
+removes the temporary files a killed writer left behind.
 """
 
 from __future__ import annotations
@@ -70,8 +71,17 @@ def claimed(folder: Path, what: str) -> Iterator[None]:
         break
     else:
         raise MsifError(f"Could not claim {path}: it reappeared while a stale lock was being removed.", "Rerun.")
+    _remove_stale_temporaries(folder)
     try:
         yield
     finally:
         if _owner(path) == me:
             path.unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """The hidden temporary files (msif.io's `.<name>.<random>.tmp`) a killed writer left in `folder` and its
+    `partial/`: with the lock held nobody else writes there, so none of them is in use."""
+    for where in (folder, folder / "partial"):
+        for tmp in where.glob(".*.tmp") if where.is_dir() else ():
+            tmp.unlink(missing_ok=True)

@@ -134,8 +134,11 @@ def test_a_run_folder_in_use_is_refused_with_its_owner_and_a_stale_lock_is_taken
     finally:
         owner.kill()
         owner.wait()
+    leftover = folder / ".checkpoint.pt.k2j4.tmp"  # what a writer killed mid-write leaves behind
+    leftover.write_bytes(b"half")
     assert run(stage, cfg) == 0 and stage.computed == 1  # its owner is gone: stale, taken over
     assert not (folder / LOCK).exists()  # released when the stage ends
+    assert not leftover.exists()
     (folder / LOCK).write_text("{cut off")  # a claim interrupted mid-write is stale too
     assert run(stage, config(tmp_path, "force=true")) == 0 and stage.computed == 2
 
