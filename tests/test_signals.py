@@ -149,3 +149,91 @@ def test_ctrl_c_while_starting_up_ends_with_a_sentence_not_a_traceback(tmp_path)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in out, out
     assert "interrupted" in out
+
+
+def every_file_parses(root: Path) -> None:
+    """After any signal: every checkpoint and part loads with weights_only=True, every table and JSON file parses."""
+    import json
+
+    import torch
+
+    for f in root.rglob("*"):
+        if not f.is_file() or f.name.startswith("."):  # hidden: temporaries (removed by the next claim) and locks
+            continue
+        if f.suffix == ".pt":
+            torch.load(f, map_location="cpu", weights_only=True)
+        elif f.suffix == ".parquet":
+            pd.read_parquet(f)
+        elif f.suffix == ".csv":
+            pd.read_csv(f)
+        elif f.suffix == ".json":
+            json.loads(f.read_text())
+
+
+KILLED = {  # each long enough on tiny (a few seconds) to be caught in the middle, with many parts to resume from
+    "pretrain": ["pretrain", "dataset=tiny", "train.pretrain.steps=4000"],
+    "influence": ["influence", "dataset=tiny", "target.per_test=true", "target.max_points=24", "target.chunk=4",
+                  "score.part_rows=30", "solver=exact"],
+    "validate-loo": ["validate-loo", *LOO[:-2], "loo.workers=1"],
+}  # fmt: skip
+
+
+def result_of(stage: str, root: Path):
+    import torch
+
+    if stage == "pretrain":
+        (f,) = root.rglob("pretrain-*/checkpoint.pt")
+        return torch.load(f, map_location="cpu", weights_only=True)["state"]
+    if stage == "influence":
+        (f,) = root.rglob("influence-*/scores.parquet")
+        return pd.read_parquet(f)
+    (f,) = root.rglob("loo.csv")
+    return pd.read_csv(f).set_index("index").sort_index()[["actual_effect"]]
+
+
+@pytest.mark.parametrize("stage", list(KILLED))
+def test_seeded_kills_and_interrupts_leave_readable_files_and_the_rerun_ends_with_the_uninterrupted_result(
+    stage, tmp_path
+):
+    import random
+
+    import torch
+
+    args = KILLED[stage]
+    if stage != "pretrain":  # what the stage builds on is made once, uninterrupted, and copied to both roots
+        base = start(tmp_path / "base", "influence" if stage == "validate-loo" else "finetune", "dataset=tiny")
+        assert base.wait(timeout=300) == 0, base.stdout.read()
+    for name in ("ref", "hit"):
+        (tmp_path / name).mkdir()
+        if (tmp_path / "base" / "out").exists():
+            subprocess.run(["cp", "-r", str(tmp_path / "base" / "out"), str(tmp_path / name / "out")], check=True)
+    t0 = time.monotonic()
+    ref = start(tmp_path / "ref", *args)
+    assert ref.wait(timeout=600) == 0, ref.stdout.read()
+    length = time.monotonic() - t0
+    rng = random.Random(f"kills-{stage}")  # seeded: the same moments on every run of the suite
+    for i in range(10):
+        proc = start(tmp_path / "hit", *args)
+        time.sleep(rng.uniform(0.3, 1.1) * length)
+        if proc.poll() is not None:  # it finished before the signal: nothing left to interrupt
+            break
+        proc.send_signal(signal.SIGKILL if i % 2 == 0 else signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+        assert "Traceback" not in out, out
+        every_file_parses(tmp_path / "hit" / "out")
+    final = start(tmp_path / "hit", *args)
+    out, _ = final.communicate(timeout=600)
+    assert final.returncode == 0, out
+    want, got = result_of(stage, tmp_path / "ref" / "out"), result_of(stage, tmp_path / "hit" / "out")
+    if stage == "pretrain":  # the trained weights, bit for bit
+
+        def flat(d, prefix=""):
+            out = {}
+            for k, v in d.items():
+                out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+            return out
+
+        want, got = flat(want), flat(got)
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    else:
+        pd.testing.assert_frame_equal(got, want)
