@@ -17,8 +17,8 @@ import pytest
 
 pytestmark = pytest.mark.faults
 
-# Retrains long enough (about a second each on one thread) to be caught in flight, 6 of them over 2 workers.
-LOO = ["dataset=tiny", "loo.k=6", "loo.pretrain_steps=1500", "loo.finetune_steps=200", "loo.repeats=1",
+# Retrains long enough (a few seconds each on one thread) to be caught in flight, 6 of them over 2 workers.
+LOO = ["dataset=tiny", "loo.k=6", "loo.pretrain_steps=4000", "loo.finetune_steps=200", "loo.repeats=1",
        "loo.bootstrap=50", "loo.workers=2", "loo.threads=1"]  # fmt: skip
 
 
@@ -29,7 +29,14 @@ def start(tmp_path: Path, *args: str) -> subprocess.Popen:
         "OMP_NUM_THREADS": "1",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "msif", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [sys.executable, "-m", "msif", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # as a terminal's Ctrl-C finds it: a shell starting the suite in the background (`&`) ignores SIGINT, and
+        # an ignored SIGINT would be inherited
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
