@@ -154,16 +154,17 @@ def need(stage: Stage, cfg: DictConfig, ctx: Context) -> Any:
 def _compute(stage: Stage, cfg: DictConfig, ctx: Context, up: Any, folder: RunFolder) -> Any:
     """config.yaml first (process 0), then the stage's computation, remembered for the rest of the command."""
     folder.path.mkdir(parents=True, exist_ok=True)
+    key = (stage.name, str(folder.path))
     # one command at a time per folder (process 0 holds it for all of torchrun's processes)
     with claimed(folder.path, stage.name) if distributed.is_main() else nullcontext():
         if stage.marker is not None and folder.complete and not cfg.force and not distributed.active():
             # another command finished it while this one was starting: reuse, as `run` would have
-            ctx.results[(stage.name, str(folder.path))] = stage.load(cfg, ctx, up, folder)
-            return ctx.results[(stage.name, str(folder.path))]
-        if distributed.is_main():
-            atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), folder.path / "config.yaml")
-        result = ctx.results[(stage.name, str(folder.path))] = stage.compute(cfg, ctx, up, folder)
-    return result
+            ctx.results[key] = stage.load(cfg, ctx, up, folder)
+        else:
+            if distributed.is_main():
+                atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), folder.path / "config.yaml")
+            ctx.results[key] = stage.compute(cfg, ctx, up, folder)
+    return ctx.results[key]
 
 
 # --- independent retrains in worker processes -------------------------------------------------------------------

@@ -211,7 +211,7 @@ def select_examples(scores: pd.DataFrame, loo: DictConfig, m: int) -> list[int]:
     `mix` (default): the k/2 largest |scores|, then a uniform random draw from the rest; `top`; `random`. The draw
     walks one seeded permutation of the scored rows and skips the ones already taken, so it does not depend on the
     scores: validate-loo runs of two score tables of one model draw (nearly) the same random examples and share
-    those retrains (`measured_elsewhere`).
+    those retrains (`same_retrains`).
     """
     check_selection(loo, m)
     if loo.indices is not None:
@@ -306,27 +306,41 @@ def retrain_key(cfg: DictConfig) -> dict:
     )
 
 
-def measured_elsewhere(cfg: DictConfig, here: Path, references: list[float]) -> dict[int, dict]:
-    """Retrains another validate-loo run of the same finetuned model already measured under the same retrain key
-    and the very same reference losses (bit for bit: the same retrains), by pretraining row: their loo.csv rows
-    (ΔL_T per seed, seconds). `here` is this run's folder, <finetune run>/<influence run>/loo-<sig>."""
+def same_retrains(cfg: DictConfig, here: Path) -> list[Path]:
+    """The other validate-loo folders of this finetuned model (`here` is <finetune run>/<influence run>/loo-<sig>)
+    whose retrain key equals this run's: their retrains are these retrains. An unreadable config leaves that run
+    out (its own problem; measure here instead)."""
     import logging
 
-    key, found = retrain_key(cfg), {}
+    key, found = retrain_key(cfg), []
+    for other in sorted(here.parent.parent.glob("*/loo-*")):
+        if other == here or not other.is_dir():
+            continue
+        try:
+            if retrain_key(OmegaConf.load(other / "config.yaml")) == key:
+                found.append(other)
+        except Exception as err:  # noqa: BLE001
+            logging.getLogger(__name__).info("not reusing retrains from %s: %s", other, err)
+    return found
+
+
+def measured_elsewhere(cfg: DictConfig, here: Path, references: list[float]) -> dict[int, dict]:
+    """Retrains another validate-loo run of the same finetuned model already measured under the same retrain key
+    (`same_retrains`) and the very same reference losses (bit for bit: the same retrains), by pretraining row:
+    their loo.csv rows (ΔL_T per seed, seconds)."""
+    import logging
+
+    found: dict[int, dict] = {}
     effects = [f"actual_effect_r{i}" for i in range(int(cfg.loo.repeats))] if int(cfg.loo.repeats) > 1 else []
-    for csv in sorted(here.parent.parent.glob("*/loo-*/loo.csv")):
-        other = csv.parent
-        if other == here or read_json(other / "reference.json").get("test_loss") != references:
+    for other in same_retrains(cfg, here):
+        csv = other / "loo.csv"
+        if not csv.exists() or read_json(other / "reference.json").get("test_loss") != references:
             continue
         try:  # read only: the other run may be appending to its table right now
-            same = retrain_key(OmegaConf.load(other / "config.yaml")) == key
-            rows = pd.read_csv(csv, on_bad_lines="skip") if same else None
-            wanted = ["index", "actual_effect", "seconds", *effects]
-            rows = None if rows is None else rows[wanted].dropna().astype({"index": int})
-        except Exception as err:  # another run's unreadable files are its own problem: measure here instead
+            rows = pd.read_csv(csv, on_bad_lines="skip")
+            rows = rows[["index", "actual_effect", "seconds", *effects]].dropna().astype({"index": int})
+        except Exception as err:  # noqa: BLE001  (another run's unreadable table: measure here instead)
             logging.getLogger(__name__).info("not reusing retrains from %s: %s", other, err)
-            continue
-        if rows is None:
             continue
         for r in rows.to_dict("records"):
             found.setdefault(int(r["index"]), r | {"from": str(other)})
@@ -341,19 +355,12 @@ def reference_losses(retrainer: Retrainer, path: Path, seeds: list[int], referen
     cached = read_json(file)
     if cached.get("reference") == reference and cached.get("seeds") == seeds and "test_loss" in cached:
         return [float(v) for v in cached["test_loss"]]
-    same = retrain_key(retrainer.cfg) if path.name.startswith("loo-") else None
-    for other in sorted(path.parent.parent.glob("*/loo-*/reference.json")) if same else []:
+    for other in same_retrains(retrainer.cfg, path) if path.name.startswith("loo-") else []:
         # another validate-loo run of this model with the same retrain settings made these very retrains
-        theirs = read_json(other)
-        if other.parent == path or theirs.get("reference") != reference or theirs.get("seeds") != seeds:
-            continue
-        try:
-            if retrain_key(OmegaConf.load(other.parent / "config.yaml")) != same:
-                continue
-        except Exception:  # noqa: BLE001  (an unreadable config: that run's problem; measure here)
-            continue
-        atomic_write_json(theirs | {"seconds": 0.0, "from": str(other.parent)}, file)
-        return [float(v) for v in theirs["test_loss"]]
+        theirs = read_json(other / "reference.json")
+        if theirs.get("reference") == reference and theirs.get("seeds") == seeds and "test_loss" in theirs:
+            atomic_write_json(theirs | {"seconds": 0.0, "from": str(other)}, file)
+            return [float(v) for v in theirs["test_loss"]]
     start = time.perf_counter()
     if reference == "retrain":
         losses = [retrainer.test_loss(None, seed=seed) for seed in seeds]

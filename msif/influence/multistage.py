@@ -92,10 +92,8 @@ def mixed_term(H_F_full: Hessian, finetune_space: ParamSpace, A: torch.Tensor) -
 def kept_shift(H_F: Hessian, V_W: torch.Tensor, A: torch.Tensor, W: slice, alpha: float) -> torch.Tensor:
     """Step 3 (case updated, retrain response): u = v_W − [H_F a]_W with H_F the finetune loss's own Hessian (the
     proximal 2α P_W that `H_F` carries as a shift taken off again), one HVP per target."""
-    HA = H_F.matvec(A)
-    out = V_W - HA[:, W] + 2 * alpha * A[:, W]
-    if hasattr(H_F, "release"):
-        H_F.release()
+    out = V_W - H_F.matvec(A)[:, W] + 2 * alpha * A[:, W]
+    H_F.release()
     return out
 
 
