@@ -416,7 +416,12 @@ def summarize(
         "selection": cfg.loo.selection if cfg.loo.indices is None else "indices",
         "solver": to_plain(cfg.solver),
         "correlation": stats,
-        "retrain_seconds": {"mean": float(frame["seconds"].mean()), "total": float(frame["seconds"].sum())},
+        # reused retrains (measured by another run) count 0 s here: the mean is over the ones this run made
+        "retrain_seconds": {
+            "mean": float(made.mean()) if len(made := frame["seconds"][frame["seconds"] > 0]) else 0.0,
+            "total": float(frame["seconds"].sum()),
+            "reused": int((frame["seconds"] == 0).sum()),
+        },
         "influence_run": str(main.path),
         "compare_run": str(compared.path) if compared else None,
         "influence_seconds": main.summary.get("seconds", {}).get("total"),

@@ -387,13 +387,17 @@ def test_retrains_measured_for_another_score_table_of_the_same_model_are_reused_
     capsys.readouterr()
     # other scores (another influence run), the same retrains for three of the examples and one new
     other = [*FAST, "loo.indices=[3,17,99,120]", "response.kind=retrain", "solver=exact"]
-    second = validate_loo(compose_cfg("validate-loo", other)).table.set_index("index")
+    result = validate_loo(compose_cfg("validate-loo", other))
+    second = result.table.set_index("index")
     out = " ".join(capsys.readouterr().out.split())
     assert "3 of the retrains were measured already" in out
     assert (second["score"] != first["score"].reindex(second.index)).any()  # really another score table
     for col in ("actual_effect", "actual_effect_r0", "actual_effect_r1"):
         assert (second.loc[[3, 17, 99], col] == first.loc[[3, 17, 99], col]).all()
     assert (second.loc[[3, 17, 99], "seconds"] == 0).all() and second.loc[120, "seconds"] > 0
+    # the time per retrain is of the one made here, not diluted by the three reused
+    assert result.summary["retrain_seconds"]["reused"] == 3
+    assert result.summary["retrain_seconds"]["mean"] == pytest.approx(second.loc[120, "seconds"])
     different = validate_loo(compose_cfg("validate-loo", [*other, "loo.lr=0.01"])).table
     assert "measured already" not in capsys.readouterr().out  # other retrains: nothing reused
     assert (different["seconds"] > 0).all()
