@@ -32,7 +32,7 @@ coverage: install  ## the fast suite under coverage.py (subprocesses included), 
 	$(BIN)/python -m coverage combine -q
 	$(BIN)/python -m coverage report --sort=cover | tail -25
 
-test-faults: install  ## fault injection: signals to running commands and their workers (about a minute)
+test-faults: install  ## fault injection: signals to running commands and their workers, a full disk, a read-only folder
 	$(BIN)/python -m pytest -m faults -q
 
 test-slow: install  ## the slow tests only (real data sets, full-size networks)

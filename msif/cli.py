@@ -11,11 +11,12 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from msif import __version__
 from msif.config import CONF_DIR
 from msif.console import print_error, terminal
-from msif.errors import MsifError, SolverError
+from msif.errors import MsifError, SolverError, disk_error
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def run_stage(name: str, entry: str, overrides: list[str]) -> int:
     module, func = entry.split(":")
     fn = getattr(importlib.import_module(module), func)
     if not any(a.startswith("-") for a in overrides):  # flags (-m, --help, --cfg ...) are Hydra's to handle
-        problem = composition_problem(name, overrides)
+        problem = startup_problem(name, overrides)
         if problem:
             print_error(problem)
             return 2
@@ -123,6 +124,9 @@ def run_stage(name: str, entry: str, overrides: list[str]) -> int:
                 fn(cfg)
         except MsifError as err:
             print_error(command_line_advice(err))
+            raise SystemExit(2) from None
+        except OSError as err:  # a full disk or a folder turned read-only mid-run: what happened, and what is kept
+            print_error(disk_error(err).message)
             raise SystemExit(2) from None
         except KeyboardInterrupt:
             print_error(
@@ -142,15 +146,17 @@ def run_stage(name: str, entry: str, overrides: list[str]) -> int:
     return 0
 
 
-def composition_problem(name: str, overrides: list[str]) -> str | None:
-    """Hydra's complaint about `overrides` (an unknown group option, a key not in the config), as one paragraph."""
+def startup_problem(name: str, overrides: list[str]) -> str | None:
+    """Why the command cannot start, as one paragraph: Hydra's complaint about `overrides` (an unknown group option,
+    a key not in the config), or an output root that cannot be created."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            compose(config_name=name.replace("-", "_"), overrides=overrides)
+            cfg = compose(config_name=name.replace("-", "_"), overrides=overrides)
+        root = Path(str(cfg.output_root)).expanduser()
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         text = " ".join(str(err).replace("\t", " ").split()).split(" Config search path:")[0]
         if "To append to your config use +" in text:  # a key msif does not have: a typo, not a key to add
@@ -159,6 +165,10 @@ def composition_problem(name: str, overrides: list[str]) -> str | None:
             f"The command line does not compose into a config: {text} Check the overrides "
             f"(`msif {name} --help` lists the config groups and their options)."
         )
+    try:  # Hydra creates its run folder (the output root) before the stage can say anything
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return disk_error(err, "create the output root").message
     return None
 
 

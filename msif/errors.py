@@ -40,3 +40,23 @@ class SolverError(MsifError):
 
 class UnconvergedSolveWarning(UserWarning):
     """An IHVP solve stopped above its tolerance (but below max_residual): its scores are less exact than asked."""
+
+
+def disk_error(err: OSError, doing: str = "write") -> MsifError:
+    """An OSError from the file system, as the paragraph a user can act on (a full disk, a read-only folder)."""
+    import errno
+
+    where = f" {err.filename}" if err.filename else ""
+    what = f"msif could not {doing}{where}: {err.strerror or err}."
+    kept = "Files already on disk are complete and unchanged (every write is a temporary file renamed into place)"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"The disk is full. {kept}; free some space (or choose another output_root=...) and rerun the command."
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = (
+            f"{kept}. Results go under output_root (env MSIF_OUTPUTS): point it at a folder you can write, e.g. "
+            "output_root=$HOME/msif-outputs. A finished run in a read-only folder can still be read: rerun with "
+            "exactly its settings."
+        )
+    else:
+        fix = f"{kept}; fix the file system problem and rerun the same command."
+    return MsifError(what, fix)

@@ -32,8 +32,13 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """`torch.save` to a temporary file in the same folder, then rename over `path`."""
-    _atomic_write(path, lambda fh: torch.save(obj, fh))
+    """`torch.save` to a temporary file in the same folder, then rename over `path`.
+
+    Serialised in memory first: torch's zip writer turns a failed write (a full disk) into an opaque RuntimeError,
+    while a plain write raises the OSError that says what happened."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _atomic_write(path, lambda fh: fh.write(buffer.getbuffer()))
 
 
 def atomic_write_text(text: str, path: Path) -> None:

@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import nullcontext
+from contextlib import ExitStack
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,7 +36,7 @@ from msif import distributed
 from msif.config import resolve_device, resolve_dtype, signature, validate_config
 from msif.console import console, say
 from msif.data import Tasks, build_tasks
-from msif.errors import MsifError
+from msif.errors import MsifError, disk_error
 from msif.io import KEEP, append_csv_row, atomic_write_text, read_resumable_csv
 from msif.locks import claimed
 from msif.runs import CHECKPOINT, RunFolder, resolve_upstream
@@ -153,10 +153,14 @@ def need(stage: Stage, cfg: DictConfig, ctx: Context) -> Any:
 
 def _compute(stage: Stage, cfg: DictConfig, ctx: Context, up: Any, folder: RunFolder) -> Any:
     """config.yaml first (process 0), then the stage's computation, remembered for the rest of the command."""
-    folder.path.mkdir(parents=True, exist_ok=True)
     key = (stage.name, str(folder.path))
-    # one command at a time per folder (process 0 holds it for all of torchrun's processes)
-    with claimed(folder.path, stage.name) if distributed.is_main() else nullcontext():
+    with ExitStack() as held:
+        try:  # before any work: a folder msif cannot write would otherwise fail only at its first save
+            folder.path.mkdir(parents=True, exist_ok=True)
+            if distributed.is_main():  # one command at a time per folder (process 0 holds it for torchrun's)
+                held.enter_context(claimed(folder.path, stage.name))
+        except OSError as err:
+            raise disk_error(err, f"create the {stage.name} run folder") from None
         if stage.marker is not None and folder.complete and not cfg.force and not distributed.active():
             # another command finished it while this one was starting: reuse, as `run` would have
             ctx.results[key] = stage.load(cfg, ctx, up, folder)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,8 @@ from omegaconf import DictConfig
 
 from msif.errors import MsifError
 from msif.io import atomic_torch_save, load_tensors
+
+log = logging.getLogger(__name__)
 
 DIGITS_FILE = Path(__file__).parent / "digits.csv.gz"
 DIGITS_N_TRAIN = 1347  # the first 1,347 rows train, the last 450 test (fixed, no shuffling)
@@ -251,7 +254,7 @@ def _cifar10_image_folder(folder: Path, cache_dir: str | None) -> Source:
         for split in ("train", "test"):
             tensors[f"x_{split}"] = _decode_images([p for p, _ in files[split]])
             tensors[f"y_{split}"] = torch.tensor([label for _, label in files[split]], dtype=torch.long)
-        atomic_torch_save(tensors, cache)
+        _save_cache(tensors, cache)
     return Source(
         "cifar10",
         list(CIFAR10_CLASSES),
@@ -279,6 +282,20 @@ def _decode_images(paths: list[Path]) -> torch.Tensor:
             "Every image must be 32x32 RGB; unpack the archive again.",
         )
     return torch.stack(images)
+
+
+def _save_cache(tensors: dict, cache: Path) -> None:
+    """Keep the decoded images for the next command; the cache only saves time, so a folder msif cannot write (or a
+    full disk) costs a warning, not the command."""
+    try:
+        atomic_torch_save(tensors, cache)
+    except OSError as err:
+        log.warning(
+            "Could not write the decoded-image cache %s (%s); continuing without it, so the next command decodes "
+            "the images again. Point MSIF_CACHE (or cache_dir=...) at a writable folder to keep it.",
+            cache,
+            err.strerror or err,
+        )
 
 
 def _cache_folder(cache_dir: str | None) -> Path:
