@@ -111,6 +111,10 @@ def run_stage(name: str, entry: str, overrides: list[str]) -> int:
 
     module, func = entry.split(":")
     fn = getattr(importlib.import_module(module), func)
+    overrides, problem = with_config_dir(overrides)
+    if problem:
+        print_error(problem)
+        return 2
     if not any(a.startswith("-") for a in overrides):  # flags (-m, --help, --cfg ...) are Hydra's to handle
         problem = startup_problem(name, overrides)
         if problem:
@@ -144,6 +148,21 @@ def run_stage(name: str, entry: str, overrides: list[str]) -> int:
     finally:
         sys.argv = saved
     return 0
+
+
+def with_config_dir(overrides: list[str]) -> tuple[list[str], str | None]:
+    """`overrides` with the folder of the user's own configs (env MSIF_CONFIG_DIR) on Hydra's search path, so its
+    dataset/, model/, experiment/ ... files are found beside msif's; a missing folder is a problem, not ignored."""
+    folder = os.environ.get("MSIF_CONFIG_DIR")
+    if not folder or any(o.startswith("hydra.searchpath") for o in overrides):
+        return overrides, None
+    path = Path(folder).expanduser().resolve()
+    if not path.is_dir():
+        return overrides, (
+            f"MSIF_CONFIG_DIR={folder} is not a folder. Point it at the folder holding your own configs (e.g. "
+            "experiment/<name>.yaml, dataset/<name>.yaml), or unset it."
+        )
+    return [*overrides, f"hydra.searchpath=[file://{path}]"], None
 
 
 def startup_problem(name: str, overrides: list[str]) -> str | None:

@@ -18,7 +18,7 @@ from msif.errors import MsifError
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # the shipped configs (installed inside the package)
 
 # Bump when a change in the code changes what a stage computes from the same settings.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: data fingerprints and per-stage sources in the signatures
 
 
 def register_resolvers() -> None:
@@ -48,15 +48,13 @@ def signature(parts: dict[str, Any]) -> str:
 
 
 def pretrain_settings(cfg: DictConfig) -> dict[str, Any]:
-    """The settings that determine a pretrain checkpoint (and nothing else: not paths, not the finetune task)."""
-    ds = cfg.dataset
-    data = {"source": ds.source, "pretrain": ds.pretrain, "normalize": ds.normalize}
-    if ds.source == "tiny":
-        data["generator"] = ds.generator
+    """The settings that determine a pretrain checkpoint (and nothing else: not paths, not the finetune task): the
+    pretraining data's source and fingerprint, the network and the code of the user's network classes."""
+    model = {"config": cfg.model} | ({"code": code} if (code := code_fingerprint(cfg.model)) else {})
     return {
         "version": FORMAT_VERSION,
-        "data": data,
-        "model": cfg.model,
+        "data": data_settings(cfg.dataset, "pretrain"),
+        "model": model,
         "train": cfg.train.pretrain,
         "seed": cfg.seed,
         "dtype": cfg.dtype,
@@ -72,11 +70,42 @@ def finetune_settings(cfg: DictConfig, pretrain_signature: str) -> dict[str, Any
     return {
         "version": FORMAT_VERSION,
         "pretrain": pretrain_signature,
-        "finetune_data": cfg.dataset.finetune,
+        "finetune_data": data_settings(cfg.dataset, "finetune"),
         "case": case,
         "train": cfg.train.finetune,
         "seed": cfg.seed,
     }
+
+
+def data_settings(ds: DictConfig, stage: str) -> dict[str, Any]:
+    """What a stage's data are: its source spec without the paths it is reached by (`download` neither), the
+    fingerprint of the files it reads, and the stage's own selection (classes, sizes, seeds, label noise)."""
+    from msif.data.sources import PATH_KEYS, fingerprint, source_spec
+
+    spec = source_spec(ds, stage)
+    what = {k: v for k, v in spec.items() if k not in (*PATH_KEYS, "where", "download")}
+    selection = {k: v for k, v in to_plain(ds[stage]).items() if k != "source"}
+    return {"source": what, "fingerprint": fingerprint(spec), stage: selection}
+
+
+def code_fingerprint(model: DictConfig) -> dict[str, str]:
+    """A hash of the source file of each network class the model config names outside msif and torch (the user's
+    own), so an edit of that code makes a new run instead of reusing checkpoints of the old one. msif's own
+    networks are covered by FORMAT_VERSION."""
+    import importlib
+    import inspect
+
+    out = {}
+    for part in ("embedding", "head"):
+        target = str(model[part].get("_target_", "")) if model.get(part) else ""
+        if not target or target.startswith(("msif.", "torch.", "torchvision.")):
+            continue
+        try:
+            module = importlib.import_module(target.rsplit(".", 1)[0])
+            out[part] = hashlib.sha256(Path(inspect.getsourcefile(module)).read_bytes()).hexdigest()[:16]
+        except Exception:  # noqa: BLE001 - building the network names the problem with its own message
+            out[part] = "unavailable"
+    return out
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -193,7 +222,7 @@ def response_solvers(cfg: DictConfig, solvers: dict, m: int) -> dict:
         int(cfg.train.pretrain.batch_size),
         response.pretrain_steps,
         response.pretrain_epochs,
-        int(cfg.profile.loo[cfg.dataset.name].pretrain),
+        int(cfg.profile.loo[cfg.train.name].pretrain),
     )
     steps = {"pretrain": k_p, "finetune": int(response.finetune_steps)}
     return {

@@ -66,7 +66,7 @@ class Retrainer:
             int(self.recipe.train.pretrain.batch_size),
             loo.get("pretrain_steps"),
             loo.get("pretrain_epochs"),
-            int(self.cfg.profile.loo[self.cfg.dataset.name].pretrain),
+            int(self.cfg.profile.loo[self.cfg.train.name].pretrain),
         )
 
     def seeds(self) -> list[int]:

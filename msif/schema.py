@@ -62,14 +62,16 @@ class LabelNoise:
 
 @dataclass
 class PretrainData:
-    classes: list[Any] = field(default_factory=list)
+    source: Any = None  # this stage's own source (msif.data.sources.source_spec checks it); null = dataset.source
+    classes: list[Any] | None = None  # null = every class of the source
     n_train: int | None = at_least(1, None)
     label_noise: LabelNoise | None = None  # planted faults (msif planted-faults); absent from the shipped configs
 
 
 @dataclass
 class FinetuneData:
-    classes: list[Any] = field(default_factory=list)
+    source: Any = None
+    classes: list[Any] | None = None
     n_train: int | None = at_least(1, None)
     n_test: int | None = at_least(1, None)
     subsample_seed: int = 0
@@ -85,7 +87,7 @@ class InfluenceDefaults:
 @dataclass
 class Dataset:
     name: str = ""
-    source: str = ""
+    source: Any = ""  # a built-in name or a mapping with a kind (msif.data.sources)
     root: str | None = None
     download: bool = False
     normalize: Normalize | None = None

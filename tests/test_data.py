@@ -125,26 +125,26 @@ def _fake_cifar_tree(root, classes, per_class=3):
 
 
 def test_cifar_image_folder_is_decoded_once_then_read_from_the_cache(env, tmp_path, monkeypatch):
-    from msif.data import sources
+    from msif.data import formats, sources
 
     classes = sources.CIFAR10_CLASSES
     _fake_cifar_tree(tmp_path / "data", classes)
     cfg, tasks = tasks_for("cifar", "dataset.finetune.n_train=null", "dataset.download=false")
     assert len(tasks.pretrain.train) == 6 and tasks.pretrain.train.class_names == ["bird", "frog"]
     assert len(tasks.finetune.test) == 8 * 3 and tasks.input_shape == (3, 32, 32)
-    assert list((tmp_path / "cache").glob("cifar10-*.pt")), "decoded tensors should be cached"
+    assert list((tmp_path / "cache").glob("images-*.pt")), "decoded tensors should be cached"
 
-    def no_decoding(paths):
+    def no_decoding(*args):
         raise AssertionError("the second load should not decode JPEGs")
 
-    monkeypatch.setattr(sources, "_decode_images", no_decoding)
+    monkeypatch.setattr(formats, "decode_images", no_decoding)
     _, again = tasks_for("cifar", "dataset.finetune.n_train=null", "dataset.download=false")
     assert torch.equal(again.pretrain.train.x, tasks.pretrain.train.x)
 
 
 def test_cifar_image_folder_with_missing_classes_is_refused(env, tmp_path):
     _fake_cifar_tree(tmp_path / "data", ["airplane", "bird", "frog"])
-    with pytest.raises(MsifError, match="missing the classes") as err:
+    with pytest.raises(MsifError, match="lacks the class folders") as err:
         tasks_for("cifar", "dataset.download=false")
     assert "automobile" in err.value.message
 

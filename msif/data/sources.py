@@ -1,7 +1,17 @@
-"""Raw data sources: each loader returns whole train and test splits as tensors with their class names.
+"""Data sources: where each stage's examples come from, checked, loaded and fingerprinted.
 
-Images are kept as uint8 (N, C, H, W) plus a scale to [0, 1]; tasks.py selects, scales and normalises subsets.
-Nothing here downloads unless the data set config says `download: true` and the network allows it.
+A source is named per stage (`dataset.pretrain.source`, `dataset.finetune.source`; default: `dataset.source`) by a
+*spec*: a built-in name (`digits`, `tiny`, `mnist`, `cifar10`, read with the data set's `root`, `download` and
+`normalize`), or a mapping with a `kind` and that kind's options (`SOURCE_KINDS`):
+
+    source: {kind: image_folder, root: ~/data/pets, resize: 32, crop: 32}
+    source: {kind: torchvision, name: KMNIST, root: ~/data}
+    source: {kind: arrays, train: train.npz, test: test.npz}
+
+`load_source` returns whole train and test splits with class names; images are kept as uint8 (N, C, H, W) plus a
+scale to [0, 1], and tasks.py selects, scales and normalises rows. `fingerprint` identifies the data a spec reads
+(file names, sizes and times; the content of array files), so a run is never reused for other data. Nothing here
+downloads unless the spec says `download: true` and the network allows it.
 """
 
 from __future__ import annotations
@@ -11,14 +21,15 @@ import hashlib
 import logging
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import OmegaConf
 
+from msif.data import formats
 from msif.errors import MsifError
 from msif.io import atomic_torch_save, load_tensors
 
@@ -31,33 +42,151 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 @dataclass
 class Source:
-    """A data set's full train and test splits. `x_*` are uint8 or float; multiply by `scale` to get [0, 1]."""
+    """A data set's full train and test splits. `x_*` are uint8 or float tensors (or a memory-mapped numpy array);
+    multiply by `scale` to get [0, 1]. `normalize` is the (mean, std) per channel applied after scaling, or None."""
 
     name: str
     class_names: list[str]
-    x_train: torch.Tensor
+    x_train: Any
     y_train: torch.Tensor
-    x_test: torch.Tensor
+    x_test: Any
     y_test: torch.Tensor
     scale: float = 1.0
+    normalize: tuple[list[float], list[float]] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
 
-def load_source(ds: DictConfig, cache_dir: str | None = None) -> Source:
-    """Load the source named by `ds.source`."""
-    loaders = {"digits": _load_digits, "tiny": _load_tiny, "mnist": _load_mnist, "cifar10": _load_cifar10}
-    if ds.source not in loaders:
+BUILTIN = ("digits", "tiny", "mnist", "cifar10")
+REQUIRED = object()
+SOURCE_KINDS: dict[str, dict[str, Any]] = {  # each kind's options and their defaults
+    "image_folder": {"root": REQUIRED, "train": "train", "test": "test", "classes": None, "channels": 3,
+                     "resize": None, "crop": None, "normalize": "auto"},
+    "torchvision": {"name": REQUIRED, "root": REQUIRED, "download": False, "args": {}, "channels": None,
+                    "resize": None, "crop": None, "normalize": "auto"},
+    "arrays": {"train": REQUIRED, "test": REQUIRED, "classes": None, "scale": None, "normalize": "auto"},
+}  # fmt: skip
+PATH_KEYS = ("root", "train", "test")  # where the data are, not what they are: the fingerprint covers them
+
+
+def source_spec(ds: Any, stage: str | None = None) -> dict[str, Any]:
+    """The checked, complete spec of the source `stage` ("pretrain", "finetune"; None: the data set's default) reads."""
+    spec, where = (ds[stage].get("source"), f"dataset.{stage}.source") if stage else (None, "")
+    if spec is None:
+        spec, where = ds.source, "dataset.source"
+    spec = OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else spec
+    if isinstance(spec, str):
+        if spec not in BUILTIN:
+            raise MsifError(
+                f"{where}={spec!r} is not a data source msif knows.",
+                f"Use one of the built-in {', '.join(BUILTIN)}, or a mapping with kind: "
+                f"{' | '.join(SOURCE_KINDS)} (README, 'Your own data').",
+            )
+        out = {"kind": spec, "root": ds.get("root"), "download": bool(ds.get("download", False))}
+        out["normalize"] = _plain(ds.get("normalize"))
+        if spec == "tiny":
+            out["generator"] = _plain(ds.get("generator"))
+        return out
+    if not isinstance(spec, dict) or spec.get("kind") not in SOURCE_KINDS:
+        got = spec.get("kind") if isinstance(spec, dict) else spec
         raise MsifError(
-            f"Unknown data source '{ds.source}' in dataset '{ds.name}'.",
-            f"dataset.source must be one of {sorted(loaders)}.",
+            f"{where} must be a built-in name ({', '.join(BUILTIN)}) or a mapping whose kind is one of "
+            f"{', '.join(SOURCE_KINDS)}; got {got!r}.",
+            f"Write e.g. {where}: {{kind: image_folder, root: <folder>}}.",
         )
-    return loaders[ds.source](ds, cache_dir)
+    options = SOURCE_KINDS[spec["kind"]]
+    unknown = sorted(set(spec) - set(options) - {"kind"})
+    if unknown:
+        raise MsifError(
+            f"{where} (kind {spec['kind']}) has no option(s) {unknown}.",
+            f"Its options are: {', '.join(options)}.",
+        )
+    out = {"kind": spec["kind"]} | {k: spec.get(k, v) for k, v in options.items()}
+    missing = [k for k, v in out.items() if v is REQUIRED or (options.get(k) is REQUIRED and v in (None, ""))]
+    if missing:
+        raise MsifError(f"{where} (kind {spec['kind']}) needs {', '.join(missing)}.", _EXAMPLES[spec["kind"]])
+    _check_options(out, where)
+    out["where"] = where
+    return out
 
 
-def _load_digits(ds: DictConfig, cache_dir: str | None) -> Source:
+_EXAMPLES = {
+    "image_folder": "e.g. {kind: image_folder, root: ~/data/pets} for ~/data/pets/{train,test}/<class>/*.png.",
+    "torchvision": "e.g. {kind: torchvision, name: KMNIST, root: ~/data}.",
+    "arrays": "e.g. {kind: arrays, train: train.npz, test: test.npz}, each holding x and y.",
+}
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _check_options(spec: dict, where: str) -> None:
+    def positive_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if "channels" in spec and spec["channels"] not in (None, 1, 3):
+        raise MsifError(f"{where}.channels={spec['channels']!r}: use 1 (grey), 3 (colour) or null (as stored).", None)
+    if spec.get("resize") is not None and not positive_int(spec["resize"]):
+        raise MsifError(f"{where}.resize={spec['resize']!r}: the shorter side in pixels, e.g. 32, or null.", None)
+    crop = spec.get("crop")
+    if crop is not None and not (
+        positive_int(crop) or (isinstance(crop, list) and len(crop) == 2 and all(map(positive_int, crop)))
+    ):
+        raise MsifError(f"{where}.crop={crop!r}: a centre crop of n or [height, width] pixels, or null.", None)
+    norm = spec.get("normalize")
+    if not (norm in (None, "auto") or (isinstance(norm, dict) and set(norm) == {"mean", "std"})):
+        raise MsifError(
+            f"{where}.normalize={norm!r}: use auto (mean and std per channel of the training split), null (none) or "
+            "{mean: [...], std: [...]} (one per channel, after scaling to [0, 1]).",
+            None,
+        )
+    if spec.get("scale") is not None and not (isinstance(spec["scale"], (int, float)) and spec["scale"] > 0):
+        raise MsifError(f"{where}.scale={spec['scale']!r}: a positive factor, or null (1/255 for uint8 x, else 1).")
+
+
+def load_source(spec: Any, cache_dir: str | None = None) -> Source:
+    """The whole train and test splits a source spec reads (a data set config: its default source)."""
+    if not (isinstance(spec, dict) and "kind" in spec):
+        spec = source_spec(spec)
+    loaders = {
+        "digits": _load_digits,
+        "tiny": _load_tiny,
+        "mnist": _load_mnist,
+        "cifar10": _load_cifar10,
+        "image_folder": _load_image_folder,
+        "torchvision": _load_torchvision,
+        "arrays": _load_arrays,
+    }
+    source = loaders[spec["kind"]](spec, cache_dir)
+    norm = spec.get("normalize")
+    if norm == "auto":
+        source.normalize = channel_statistics(source.x_train, source.scale)
+    elif norm is not None:
+        source.normalize = ([float(v) for v in norm["mean"]], [float(v) for v in norm["std"]])
+    return source
+
+
+def channel_statistics(x: Any, scale: float) -> tuple[list[float], list[float]]:
+    """Mean and standard deviation per channel (dimension 1) of `x · scale`, in float64 over blocks of rows (a
+    memory map is read once); a constant channel gets std 1."""
+    c = x.shape[1]
+    total, squares, count = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
+    for start in range(0, len(x), 4096):
+        block = torch.as_tensor(np.asarray(x[start : start + 4096])).to(torch.float64) * scale
+        flat = block.transpose(0, 1).reshape(c, -1)
+        total += flat.sum(1)
+        squares += (flat * flat).sum(1)
+        count += flat.shape[1]
+    mean = total / count
+    std = (squares / count - mean * mean).clamp_min(0).sqrt()
+    std[std < 1e-12] = 1.0
+    return mean.tolist(), std.tolist()
+
+
+def _load_digits(spec: dict, cache_dir: str | None) -> Source:
     with gzip.open(DIGITS_FILE, "rt") as fh:
         table = np.loadtxt(fh, delimiter=",", dtype=np.float32)
     x = torch.from_numpy(table[:, :64]).reshape(-1, 1, 8, 8)
@@ -66,9 +195,9 @@ def _load_digits(ds: DictConfig, cache_dir: str | None) -> Source:
     return Source("digits", [str(i) for i in range(10)], x[:n], y[:n], x[n:], y[n:], scale=1 / 16)
 
 
-def _load_tiny(ds: DictConfig, cache_dir: str | None) -> Source:
+def _load_tiny(spec: dict, cache_dir: str | None) -> Source:
     """Gaussian classes around seeded random centres; the same config always gives the same points."""
-    g = ds.generator
+    g = OmegaConf.create(spec["generator"])
     gen = torch.Generator().manual_seed(int(g.seed))
     centres = torch.randn(g.n_classes, g.dim, generator=gen, dtype=torch.float64) * 2.0
 
@@ -90,12 +219,13 @@ def _missing_data(what: str, looked_in: Path, put_there: str) -> MsifError:
     )
 
 
-def _data_root(ds: DictConfig) -> Path:
-    if not ds.root:
+def _data_root(spec: dict) -> Path:
+    if not spec.get("root"):
         raise MsifError(
-            f"dataset '{ds.name}' has no data folder (dataset.root is empty).", "Set MSIF_DATA or data_root=<folder>."
+            f"The {spec['kind']} data set has no data folder (dataset.root is empty).",
+            "Set MSIF_DATA or data_root=<folder>.",
         )
-    return Path(os.path.expanduser(str(ds.root)))
+    return Path(os.path.expanduser(str(spec["root"])))
 
 
 MNIST_FILES = {
@@ -138,14 +268,14 @@ def _mnist_files(raw: Path, train: bool) -> tuple[Path, Path] | None:
     return found[0], found[1]
 
 
-def _load_mnist(ds: DictConfig, cache_dir: str | None) -> Source:
-    root = _data_root(ds)
+def _load_mnist(spec: dict, cache_dir: str | None) -> Source:
+    root = _data_root(spec)
     raw = root / "MNIST" / "raw"
     splits = {}
     for train in (True, False):
         files = _mnist_files(raw, train)
         if files is None:
-            if not ds.download:
+            if not spec["download"]:
                 raise _missing_data(
                     "MNIST",
                     raw,
@@ -188,13 +318,13 @@ def _load_mnist(ds: DictConfig, cache_dir: str | None) -> Source:
     )
 
 
-def _load_cifar10(ds: DictConfig, cache_dir: str | None) -> Source:
-    root = _data_root(ds)
+def _load_cifar10(spec: dict, cache_dir: str | None) -> Source:
+    root = _data_root(spec)
     if (root / "cifar-10-batches-py").is_dir():
         return _cifar10_torchvision(root, download=False)
     if (root / "cifar10").is_dir():
         return _cifar10_image_folder(root / "cifar10", cache_dir)
-    if ds.download:
+    if spec["download"]:
         try:
             return _cifar10_torchvision(root, download=True)
         except Exception:  # noqa: BLE001
@@ -220,68 +350,77 @@ def _cifar10_torchvision(root: Path, download: bool) -> Source:
 
 
 def _cifar10_image_folder(folder: Path, cache_dir: str | None) -> Source:
-    """Read cifar10/{train,test}/<class>/*.jpg, decoding once and caching uint8 tensors keyed by the file list."""
-    files: dict[str, list[tuple[Path, int]]] = {}
-    for split in ("train", "test"):
-        split_dir = folder / split
-        if not split_dir.is_dir():
-            raise MsifError(
-                f"The CIFAR-10 image folder {folder.resolve()} has no '{split}' subfolder.",
-                "Expected cifar10/train/<class>/*.jpg and cifar10/test/<class>/*.jpg.",
-            )
-        missing = [c for c in CIFAR10_CLASSES if not (split_dir / c).is_dir()]
-        if missing:
-            raise MsifError(
-                f"The CIFAR-10 image folder {split_dir.resolve()} is missing the classes {missing}.",
-                f"Every one of the ten classes {CIFAR10_CLASSES} needs a subfolder of images; unpack the full "
-                "archive again.",
-            )
-        files[split] = [
-            (p, label)
-            for label, c in enumerate(CIFAR10_CLASSES)
-            for p in sorted((split_dir / c).iterdir())
-            if p.suffix.lower() in (".jpg", ".jpeg", ".png")
-        ]
-    key = hashlib.sha256()
-    for split in ("train", "test"):
-        for p, label in files[split]:
-            st = p.stat()
-            key.update(f"{split}/{p.parent.name}/{p.name}:{st.st_size}:{st.st_mtime_ns}:{label};".encode())
-    cache = _cache_folder(cache_dir) / f"cifar10-{key.hexdigest()[:16]}.pt"
+    """cifar10/{train,test}/<class>/*.jpg: an image folder with CIFAR-10's ten classes, all required."""
+    spec = SOURCE_KINDS["image_folder"] | {"kind": "image_folder", "root": str(folder), "classes": CIFAR10_CLASSES}
+    source = _load_image_folder(spec | {"where": "the CIFAR-10 image folder"}, cache_dir)
+    source.name = "cifar10"
+    return source
+
+
+def _load_image_folder(spec: dict, cache_dir: str | None) -> Source:
+    """<root>/<train>/<class>/<images> and <root>/<test>/..., decoded once and cached as uint8 tensors keyed by the
+    file list (names, sizes, times) and the decoding options."""
+    where = spec.get("where", "dataset.source")
+    root = Path(os.path.expanduser(str(spec["root"])))
+    names, files = formats.image_folder_files(
+        root, {"train": spec["train"], "test": spec["test"]}, spec.get("classes"), where
+    )
+    options = f"{spec['channels']}/{spec['resize']}/{spec['crop']}"
+    key = formats.listing_key([p for split in ("train", "test") for p, _ in files[split]], options + str(names))
+    cache = _cache_folder(cache_dir) / f"images-{key[:16]}.pt"
     tensors = load_tensors(cache) if cache.exists() else None
     if tensors is None:
         tensors = {}
         for split in ("train", "test"):
-            tensors[f"x_{split}"] = _decode_images([p for p, _ in files[split]])
+            paths = [p for p, _ in files[split]]
+            tensors[f"x_{split}"] = formats.decode_images(paths, spec["channels"], spec["resize"], spec["crop"], where)
             tensors[f"y_{split}"] = torch.tensor([label for _, label in files[split]], dtype=torch.long)
         _save_cache(tensors, cache)
     return Source(
-        "cifar10",
-        list(CIFAR10_CLASSES),
-        tensors["x_train"],
-        tensors["y_train"],
-        tensors["x_test"],
-        tensors["y_test"],
-        scale=1 / 255,
+        root.name, names, tensors["x_train"], tensors["y_train"], tensors["x_test"], tensors["y_test"], scale=1 / 255
     )
 
 
-def _decode_images(paths: list[Path]) -> torch.Tensor:
-    from PIL import Image
+def _load_torchvision(spec: dict, cache_dir: str | None) -> Source:
+    """A torchvision.datasets class by name, over files already in its layout (or downloaded when allowed)."""
+    where = spec.get("where", "dataset.source")
+    cls = formats.torchvision_class(spec["name"], where)
+    root = Path(os.path.expanduser(str(spec["root"])))
+    splits = {}
+    for train in (True, False):
+        data = formats.torchvision_split(cls, root, train, bool(spec["download"]), dict(spec["args"] or {}), where)
+        x, y, names, scale = formats.torchvision_arrays(data, where)
+        if x.dtype == torch.uint8 and x.dim() == 4:
+            x = formats.image_tensors(x, spec["channels"], spec["resize"], spec["crop"], where)
+        splits[train] = (x, y, names, scale)
+    (x_tr, y_tr, names, scale), (x_te, y_te, _, _) = splits[True], splits[False]
+    k = int(max(y_tr.max(), y_te.max())) + 1
+    names = names if names and len(names) >= k else [str(i) for i in range(k)]
+    return Source(str(spec["name"]), names, x_tr, y_tr, x_te, y_te, scale=scale)
 
-    def decode(p: Path) -> torch.Tensor:
-        with Image.open(p) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        images = list(pool.map(decode, paths, chunksize=256))
-    shapes = {tuple(im.shape) for im in images}
-    if len(shapes) != 1:
+def _load_arrays(spec: dict, cache_dir: str | None) -> Source:
+    """x and y per split from .npz / .pt / .npy files; class names from the spec, the files, or 0..k-1."""
+    where = spec.get("where", "dataset.source")
+    x_tr, y_tr, names_tr = formats.read_arrays(spec["train"], f"{where}.train")
+    x_te, y_te, names_te = formats.read_arrays(spec["test"], f"{where}.test")
+    if tuple(x_tr.shape[1:]) != tuple(x_te.shape[1:]):
         raise MsifError(
-            f"The CIFAR-10 images do not all have one size (found {sorted(shapes)[:3]}).",
-            "Every image must be 32x32 RGB; unpack the archive again.",
+            f"{where}: the train inputs have shape {tuple(x_tr.shape[1:])} per example, the test inputs "
+            f"{tuple(x_te.shape[1:])}.",
+            "Both splits need inputs of one shape.",
         )
-    return torch.stack(images)
+    k = int(max(y_tr.max(), y_te.max())) + 1
+    names = spec.get("classes") or names_tr or names_te or [str(i) for i in range(k)]
+    if len(names) < k:
+        raise MsifError(
+            f"{where}: the labels go up to {k - 1} but only {len(names)} class names are given ({names}).",
+            "Give one name per class index 0..k-1, or leave the names out.",
+        )
+    dtype = getattr(x_tr, "dtype", None)
+    scale = spec.get("scale") or (1 / 255 if dtype in (np.uint8, torch.uint8) else 1.0)
+    name = Path(str(spec["train"] if not isinstance(spec["train"], dict) else spec["train"]["x"])).stem
+    return Source(name, [str(n) for n in names], x_tr, y_tr, x_te, y_te, scale=float(scale))
 
 
 def _save_cache(tensors: dict, cache: Path) -> None:
@@ -303,3 +442,35 @@ def _cache_folder(cache_dir: str | None) -> Path:
         return Path(os.path.expanduser(cache_dir))
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "msif"
+
+
+# --- fingerprints -------------------------------------------------------------------------------------------------
+
+
+def fingerprint(spec: dict) -> str:
+    """What identifies the data `spec` reads, whatever the path it is reached by: the names, sizes and modification
+    times of its files (image folders, MNIST, CIFAR-10, torchvision roots), the content of array files, the embedded
+    digits' content; "generated" for `tiny`, whose config is its data. Cheap enough to run on every command."""
+    kind = spec["kind"]
+    if kind == "tiny":
+        return "generated"
+    if kind == "digits":
+        return hashlib.sha256(DIGITS_FILE.read_bytes()).hexdigest()[:16]
+    if kind == "arrays":
+        return hashlib.sha256("".join(formats.content_key(spec[s]) for s in ("train", "test")).encode()).hexdigest()[
+            :16
+        ]
+    root = Path(os.path.expanduser(str(spec.get("root") or "")))
+    if kind == "mnist":
+        folders = [root / "MNIST" / "raw"]
+    elif kind == "cifar10":
+        folders = [root / "cifar-10-batches-py"] if (root / "cifar-10-batches-py").is_dir() else [root / "cifar10"]
+    elif kind == "image_folder":
+        folders = [root / str(spec["train"]), root / str(spec["test"])]
+    else:  # torchvision: the class's own folder under root when it has one (MNIST-style), else root
+        own = [root / str(spec["name"]), root / str(spec["name"]).lower()]
+        folders = [next((f for f in own if f.is_dir()), root)]
+    files = sorted(p for f in folders if f.is_dir() for p in f.rglob("*") if p.is_file())
+    if not files:
+        return "missing"  # loading stops with the data set's own message
+    return formats.listing_key(files, kind, base=root)[:16]

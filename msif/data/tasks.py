@@ -1,4 +1,4 @@
-"""The pretraining and finetuning tasks of the paper (Section 3.1) built from one source.
+"""The pretraining and finetuning tasks (the paper's Section 3.1), each cut from its stage's source.
 
 The pretraining task keeps the source classes in `dataset.pretrain.classes`, relabelled 0..k-1 in that order; the
 finetuning task likewise, optionally subsampled (the paper samples 5,000 finetune training examples). Example i of
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from msif.data.sources import Source, load_source
+from msif.data.sources import Source, load_source, source_spec
 from msif.errors import MsifError
 
 
@@ -54,23 +55,34 @@ class Tasks:
 
 
 def build_tasks(ds: DictConfig, cache_dir: str | None = None, dtype: torch.dtype = torch.float32) -> Tasks:
-    """Load `ds.source` and cut the pretraining and finetuning tasks out of it as the config says."""
-    source = load_source(ds, cache_dir)
-    pre = resolve_classes(ds.pretrain.classes, source.class_names, f"dataset.pretrain.classes of '{ds.name}'")
-    fin = resolve_classes(ds.finetune.classes, source.class_names, f"dataset.finetune.classes of '{ds.name}'")
+    """Load each stage's source (`dataset.<stage>.source`, default `dataset.source`; one load when they are the same)
+    and cut the pretraining and finetuning tasks out of them as the config says."""
+    specs = {stage: source_spec(ds, stage) for stage in ("pretrain", "finetune")}
+    sources = {"pretrain": load_source(specs["pretrain"], cache_dir)}
+    same = _identity(specs["finetune"]) == _identity(specs["pretrain"])
+    sources["finetune"] = sources["pretrain"] if same else load_source(specs["finetune"], cache_dir)
+    shapes = {stage: s.input_shape for stage, s in sources.items()}
+    if shapes["pretrain"] != shapes["finetune"]:
+        raise MsifError(
+            f"The pretraining inputs have shape {shapes['pretrain']} per example and the finetuning inputs "
+            f"{shapes['finetune']}: one network cannot take both.",
+            "Give the two sources the same channels and size (an image source's channels, resize and crop options).",
+        )
     seed = int(ds.finetune.get("subsample_seed", 0))
-    normalize = ds.get("normalize")
+    pre, fin = sources["pretrain"], sources["finetune"]
+    pre_classes = resolve_classes(ds.pretrain.get("classes"), pre.class_names, "dataset.pretrain.classes")
+    fin_classes = resolve_classes(ds.finetune.get("classes"), fin.class_names, "dataset.finetune.classes")
     tasks = Tasks(
         pretrain=Task(
-            _select(source, "train", pre, ds.pretrain.get("n_train"), seed, "dataset.pretrain.n_train", normalize),
-            _select(source, "test", pre, None, seed, "", normalize),
+            _select(pre, "train", pre_classes, ds.pretrain.get("n_train"), seed, "dataset.pretrain.n_train"),
+            _select(pre, "test", pre_classes, None, seed, ""),
         ),
         finetune=Task(
-            _select(source, "train", fin, ds.finetune.get("n_train"), seed, "dataset.finetune.n_train", normalize),
-            _select(source, "test", fin, ds.finetune.get("n_test"), seed, "dataset.finetune.n_test", normalize),
+            _select(fin, "train", fin_classes, ds.finetune.get("n_train"), seed, "dataset.finetune.n_train"),
+            _select(fin, "test", fin_classes, ds.finetune.get("n_test"), seed, "dataset.finetune.n_test"),
         ),
-        input_shape=source.input_shape,
-        source=source.name,
+        input_shape=pre.input_shape,
+        source=pre.name if same else f"{pre.name} → {fin.name}",
     )
     noise = ds.pretrain.get("label_noise")
     if noise is not None and float(noise.fraction) > 0:
@@ -95,8 +107,11 @@ def flip_labels(examples: Examples, fraction: float, seed: int) -> Examples:
 
 
 def resolve_classes(spec, class_names: list[str], where: str) -> list[int]:
-    """Turn a class list (indices or names) into source label indices, refusing empty, unknown or repeated entries."""
-    if spec is None or len(spec) == 0:
+    """Turn a class list (indices or names; null = all of the source's classes) into source label indices, refusing
+    empty, unknown or repeated entries."""
+    if spec is None:
+        spec = list(range(len(class_names)))
+    if len(spec) == 0:
         raise MsifError(f"{where} is empty.", f"List at least two of the classes {class_names}.")
     ids = []
     for c in spec:
@@ -120,9 +135,9 @@ def resolve_classes(spec, class_names: list[str], where: str) -> list[int]:
     return ids
 
 
-def _select(source: Source, split: str, classes: list[int], n: int | None, seed: int, key: str, normalize) -> Examples:
+def _select(source: Source, split: str, classes: list[int], n: int | None, seed: int, key: str) -> Examples:
     x_all, y_all = (source.x_train, source.y_train) if split == "train" else (source.x_test, source.y_test)
-    relabel = torch.full((len(source.class_names),), -1, dtype=torch.long)
+    relabel = torch.full((max(len(source.class_names), int(y_all.max()) + 1),), -1, dtype=torch.long)
     relabel[torch.tensor(classes)] = torch.arange(len(classes))
     idx = torch.nonzero(relabel[y_all] >= 0).flatten()  # increasing source order
     if len(idx) == 0:
@@ -141,15 +156,21 @@ def _select(source: Source, split: str, classes: list[int], n: int | None, seed:
             )
         gen = torch.Generator().manual_seed(seed)
         idx = idx[torch.randperm(len(idx), generator=gen)[:n]].sort().values
-    x = x_all[idx].float() * source.scale
-    if normalize is not None:
-        mean = torch.tensor(list(normalize.mean), dtype=torch.float32)
-        std = torch.tensor(list(normalize.std), dtype=torch.float32)
+    rows = x_all[idx] if isinstance(x_all, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x_all[idx.numpy()]))
+    x = rows.float() * source.scale
+    if source.normalize is not None:
+        mean = torch.tensor(list(source.normalize[0]), dtype=torch.float32)
+        std = torch.tensor(list(source.normalize[1]), dtype=torch.float32)
         if x.dim() < 2 or len(mean) != x.shape[1] or len(std) != x.shape[1]:
             raise MsifError(
-                f"dataset.normalize has {len(mean)} means for inputs of shape {tuple(x.shape[1:])}.",
-                "Give one mean and one std per input channel.",
+                f"The normalisation of '{source.name}' has {len(mean)} means for inputs of shape "
+                f"{tuple(x.shape[1:])}.",
+                "Give one mean and one std per input channel (dataset.normalize, or the source's normalize).",
             )
         view = (1, -1) + (1,) * (x.dim() - 2)
         x = (x - mean.view(view)) / std.view(view)
     return Examples(x.contiguous(), relabel[y_all[idx]], idx, [source.class_names[c] for c in classes])
+
+
+def _identity(spec: dict) -> dict:
+    return {k: v for k, v in spec.items() if k != "where"}
