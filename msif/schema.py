@@ -372,6 +372,15 @@ def check_config(cfg: DictConfig) -> None:
             f"The configuration does not resolve: {' '.join(str(err).split())}",
             "Check the overrides on the command line (print the composed config with --cfg job).",
         ) from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise MsifError(
+            f"The setting(s) {', '.join(missing)} must be given (the config leaves them as ???).",
+            "For your own data, set dataset.source (or dataset.pretrain.source and dataset.finetune.source) in your "
+            "experiment config; README, 'Your own data', shows one."
+            if any(k.startswith("dataset.") for k in missing)
+            else "Set them on the command line or in your config.",
+        )
     schema = schema_for(cfg)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), plain)

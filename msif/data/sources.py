@@ -75,7 +75,14 @@ def source_spec(ds: Any, stage: str | None = None) -> dict[str, Any]:
     """The checked, complete spec of the source `stage` ("pretrain", "finetune"; None: the data set's default) reads."""
     spec, where = (ds[stage].get("source"), f"dataset.{stage}.source") if stage else (None, "")
     if spec is None:
-        spec, where = ds.source, "dataset.source"
+        spec, where = ds.get("source"), "dataset.source"
+    if spec in (None, ""):
+        raise MsifError(
+            f"No data source for the {stage or 'data set'}: dataset.source is not set"
+            + (f", nor dataset.{stage}.source." if stage else "."),
+            "Set dataset.source (both stages) or a source per stage in your experiment config, e.g. "
+            "dataset.source: {kind: image_folder, root: <folder>} (README, 'Your own data').",
+        )
     spec = OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else spec
     if isinstance(spec, str):
         if spec not in BUILTIN:
@@ -175,7 +182,8 @@ def channel_statistics(x: Any, scale: float) -> tuple[list[float], list[float]]:
     c = x.shape[1]
     total, squares, count = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
     for start in range(0, len(x), 4096):
-        block = torch.as_tensor(np.asarray(x[start : start + 4096])).to(torch.float64) * scale
+        rows = x[start : start + 4096]
+        block = (rows if torch.is_tensor(rows) else torch.from_numpy(np.array(rows))).to(torch.float64) * scale
         flat = block.transpose(0, 1).reshape(c, -1)
         total += flat.sum(1)
         squares += (flat * flat).sum(1)
