@@ -12,7 +12,11 @@ from msif.config import CONF_DIR
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
-def compose_cfg(stage: str, overrides: list[str] | None = None):
-    """The config `msif <stage> <overrides>` would run with (environment variables resolved at access)."""
+def compose_cfg(stage: str, overrides: list[str] | None = None, config_dir: Path | None = None):
+    """The config `msif <stage> <overrides>` would run with (environment variables resolved at access); with
+    `config_dir`, as MSIF_CONFIG_DIR=<config_dir> would."""
+    overrides = list(overrides or [])
+    if config_dir is not None:
+        overrides.append(f"hydra.searchpath=[file://{Path(config_dir).resolve()}]")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name=stage.replace("-", "_"), overrides=list(overrides or []), return_hydra_config=False)
+        return compose(config_name=stage.replace("-", "_"), overrides=overrides, return_hydra_config=False)
