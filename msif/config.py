@@ -50,11 +50,12 @@ def signature(parts: dict[str, Any]) -> str:
 def pretrain_settings(cfg: DictConfig) -> dict[str, Any]:
     """The settings that determine a pretrain checkpoint (and nothing else: not paths, not the finetune task): the
     pretraining data's source and fingerprint, the network and the code of the user's network classes."""
-    model = {"config": cfg.model} | ({"code": code} if (code := code_fingerprint(cfg.model)) else {})
+    code = code_fingerprint(cfg.model)
     return {
         "version": FORMAT_VERSION,
         "data": data_settings(cfg.dataset, "pretrain"),
-        "model": model,
+        "model": cfg.model,
+        **({"model_code": code} if code else {}),
         "train": cfg.train.pretrain,
         "seed": cfg.seed,
         "dtype": cfg.dtype,
