@@ -7,8 +7,12 @@ The embedding/head contract (for plugging in your own network through a model co
 * `model.head._target_` is called as `factory(in_features=int, num_classes=int, **config)` and returns an
   `nn.Module` mapping (B, in_features) features to (B, num_classes) logits.
 * The pretrain network is `embedding -> head U`, the finetune network `embedding -> head Θ`, sharing the
-  embedding's parameters W. No batch-norm statistics or dropout: the influence function differentiates the loss as
-  a pure function of the parameters.
+  embedding's parameters W.
+* Batch norm and dropout are welcome. Networks are trained in train mode (batch statistics, dropout on) and
+  everything else (accuracies, influence, the leave-one-out retrains' test loss) runs in eval mode: running
+  statistics frozen, dropout off. That eval-mode loss is the function whose Hessian msif computes; the running
+  statistics are buffers, not parameters, so they are held fixed in W. Networks come out of the builders here in
+  eval mode; `msif.training.fit` switches to train mode for its steps and back.
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ def _activation(name: str) -> nn.Module:
 
 
 class ConvEmbedding(nn.Sequential):
-    """Convolutions (stride 1, no padding) and max-pools as listed, each convolution followed by the activation.
+    """Convolutions and max-pools as listed, each convolution followed by the activation.
 
-    `layers` is a list of `{conv: channels, kernel: k}` and `{pool: k}` entries (pool stride = k), as in Table A.
+    `layers` is a list of `{conv: channels, kernel: k}` (optional `padding: p`, default 0, and `batchnorm: true` for
+    a BatchNorm2d before the activation), `{pool: k}` (stride k) and `{dropout: p}` entries, as in Table A.
     The output is flattened to (B, features).
     """
 
@@ -44,14 +49,120 @@ class ConvEmbedding(nn.Sequential):
         channels = int(in_shape[0])
         for spec in layers:
             if "conv" in spec:
-                mods += [nn.Conv2d(channels, int(spec["conv"]), int(spec["kernel"])), _activation(activation)]
-                channels = int(spec["conv"])
+                out = int(spec["conv"])
+                mods.append(nn.Conv2d(channels, out, int(spec["kernel"]), padding=int(spec.get("padding", 0))))
+                if spec.get("batchnorm", False):
+                    mods.append(nn.BatchNorm2d(out))
+                mods.append(_activation(activation))
+                channels = out
             elif "pool" in spec:
                 mods.append(nn.MaxPool2d(int(spec["pool"]), int(spec["pool"])))
+            elif "dropout" in spec:
+                mods.append(nn.Dropout(float(spec["dropout"])))
             else:
-                raise MsifError(f"Unknown embedding layer {dict(spec)}.", "Use {conv: C, kernel: K} or {pool: K}.")
+                raise MsifError(
+                    f"Unknown embedding layer {dict(spec)}.",
+                    "Use {conv: C, kernel: K} (optional padding, batchnorm), {pool: K} or {dropout: p}.",
+                )
         mods.append(nn.Flatten())
         super().__init__(*mods)
+
+
+class BasicBlock(nn.Module):
+    """The CIFAR ResNet block (He et al. 2016): two 3x3 convolutions with batch norm, plus the shortcut (a strided
+    1x1 convolution with batch norm where the shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNetEmbedding(nn.Module):
+    """A CIFAR-style ResNet body: a 3x3 stem, then per stage `blocks[i]` BasicBlocks of `widths[i]` channels (stride
+    2 from the second stage on), global average pooling to (B, widths[-1]). widths [16, 32, 64] with blocks
+    [1, 1, 1] is ResNet-8, [3, 3, 3] ResNet-20."""
+
+    def __init__(self, in_shape, widths=(16, 32, 64), blocks=(1, 1, 1)):
+        super().__init__()
+        if len(widths) != len(blocks) or not widths:
+            raise MsifError(
+                f"ResNetEmbedding got widths {list(widths)} and blocks {list(blocks)}.",
+                "Give one width and one block count per stage, e.g. widths: [16, 32, 64], blocks: [1, 1, 1].",
+            )
+        if len(in_shape) != 3:
+            raise MsifError(f"ResNetEmbedding needs (C, H, W) images, not inputs of shape {tuple(in_shape)}.", None)
+        self.stem = nn.Sequential(
+            nn.Conv2d(int(in_shape[0]), int(widths[0]), 3, 1, 1, bias=False), nn.BatchNorm2d(int(widths[0])), nn.ReLU()
+        )
+        stages, cin = [], int(widths[0])
+        for i, (w, n) in enumerate(zip(widths, blocks, strict=True)):
+            for j in range(int(n)):
+                stages.append(BasicBlock(cin, int(w), 2 if (i > 0 and j == 0) else 1))
+                cin = int(w)
+        self.stages = nn.Sequential(*stages)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x)).mean((2, 3))
+
+
+class TorchvisionBackbone(nn.Module):
+    """`torchvision.models.<name>` with its classifier replaced by the identity, as an embedding: its features
+    (e.g. ResNet-18's 512) go to msif's heads. `weights`: a local state_dict file of the full torchvision model
+    (loaded with weights_only=True; the classifier's entries are dropped); nothing is downloaded."""
+
+    CLASSIFIERS = ("fc", "classifier", "heads", "head")
+
+    def __init__(self, in_shape, name: str, weights: str | None = None, **kwargs):
+        super().__init__()
+        import torchvision
+
+        try:
+            net = torchvision.models.get_model(name, weights=None, **kwargs)
+        except (ValueError, TypeError) as err:
+            raise MsifError(
+                f"torchvision.models has no model '{name}' taking {kwargs} ({err}).",
+                "Use a name from torchvision.models.list_models(), e.g. resnet18.",
+            ) from None
+        if weights:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+            missing, unexpected = net.load_state_dict(strip_prefix(state), strict=False)
+            kept = [k for k in missing if k.split(".")[0] not in self.CLASSIFIERS]
+            if kept or unexpected:
+                raise MsifError(
+                    f"The weights {weights} do not fit torchvision.models.{name}: missing {kept[:5]}, unexpected "
+                    f"{list(unexpected)[:5]}.",
+                    "Give the state_dict of the same architecture.",
+                )
+        for attr in self.CLASSIFIERS:
+            if hasattr(net, attr):
+                setattr(net, attr, nn.Identity())
+                break
+        else:
+            raise MsifError(
+                f"torchvision.models.{name} has none of the classifier attributes {self.CLASSIFIERS}.", None
+            )
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def strip_prefix(state: dict, prefix: str = "module.") -> dict:
+    """A state_dict without DistributedDataParallel's `module.` prefix on every key."""
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix) :]: v for k, v in state.items()}
+    return state
 
 
 class MLPEmbedding(nn.Sequential):
@@ -92,20 +203,23 @@ class TwoStageNet(nn.Module):
 
 
 def build_embedding(model: DictConfig, input_shape: tuple[int, ...]) -> nn.Module:
-    return _instantiate(model.embedding, "model.embedding", in_shape=tuple(input_shape))
+    return _instantiate(model.embedding, "model.embedding", in_shape=tuple(input_shape)).eval()
 
 
 def feature_dim(embedding: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Size of the flattened embedding output, found with one forward pass of a zero input."""
     p = next(iter(embedding.parameters()), None)
     dtype = p.dtype if p is not None else torch.float32
+    was = embedding.training
+    embedding.eval()  # batch norm cannot take the batch statistics of one example
     with torch.no_grad():
         out = embedding(torch.zeros((1, *input_shape), dtype=dtype))
+    embedding.train(was)
     return int(out.flatten(1).shape[1])
 
 
 def build_head(model: DictConfig, in_features: int, num_classes: int) -> nn.Module:
-    return _instantiate(model.head, "model.head", in_features=in_features, num_classes=num_classes)
+    return _instantiate(model.head, "model.head", in_features=in_features, num_classes=num_classes).eval()
 
 
 def build_pretrain_net(
@@ -115,7 +229,7 @@ def build_pretrain_net(
     torch.manual_seed(seed)
     embedding = build_embedding(model, input_shape).to(dtype)
     head = build_head(model, feature_dim(embedding, input_shape), num_classes).to(dtype)
-    return TwoStageNet(embedding, head)
+    return TwoStageNet(embedding, head).eval()
 
 
 def build_finetune_net(
@@ -129,7 +243,7 @@ def build_finetune_net(
     """The given (pretrained) embedding W with a new finetune head Θ initialised from `seed`."""
     torch.manual_seed(seed + 1)  # a different stream from the pretrain initialisation
     head = build_head(model, feature_dim(embedding, input_shape), num_classes).to(dtype)
-    return TwoStageNet(embedding, head)
+    return TwoStageNet(embedding, head).eval()
 
 
 def parameter_groups(pretrain_net: TwoStageNet, finetune_net: TwoStageNet | None = None) -> dict[str, dict]:
@@ -170,8 +284,11 @@ def _instantiate(node: DictConfig, where: str, **kwargs) -> nn.Module:
 
 
 __all__ = [
+    "BasicBlock",
     "ConvEmbedding",
     "MLPEmbedding",
+    "ResNetEmbedding",
+    "TorchvisionBackbone",
     "MLPHead",
     "TwoStageNet",
     "build_embedding",
@@ -181,4 +298,5 @@ __all__ = [
     "count_parameters",
     "feature_dim",
     "parameter_groups",
+    "strip_prefix",
 ]

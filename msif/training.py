@@ -126,48 +126,53 @@ def fit(
         excluded[torch.as_tensor(exclude, dtype=torch.long)] = True
     steps = t.steps if steps is None else steps
     opt = make_optimizer(params, t)
+    was_training = model.training
+    model.train()  # batch statistics and dropout while training; the caller's mode (eval) again afterwards
     losses: list[float] = []
     start = time.perf_counter()
     seen = 0
     bar = progress() if show_progress else nullcontext(None)
-    with bar:
-        task = bar.add_task(description, total=steps, info="") if show_progress else None
-        for step, idx in enumerate(batch_schedule(len(y), t.batch_size, steps, seed, examples)):
-            b = len(idx)
-            out = excluded[idx] if excluded is not None else None
-            hit = out is not None and bool(out.any())
-            if weights is not None:
-                w = torch.full((b,), 1.0 / b, dtype=torch.float64)
+    try:
+        with bar:
+            task = bar.add_task(description, total=steps, info="") if show_progress else None
+            for step, idx in enumerate(batch_schedule(len(y), t.batch_size, steps, seed, examples)):
+                b = len(idx)
+                out = excluded[idx] if excluded is not None else None
+                hit = out is not None and bool(out.any())
+                if weights is not None:
+                    w = torch.full((b,), 1.0 / b, dtype=torch.float64)
+                    if hit:
+                        other = 1.0 / b if removal == "zero_weight" else 1.0 / max(b - int(out.sum()), 1)
+                        w = torch.where(out, 0.0, other).double()
+                    weights.append(w)
                 if hit:
-                    other = 1.0 / b if removal == "zero_weight" else 1.0 / max(b - int(out.sum()), 1)
-                    w = torch.where(out, 0.0, other).double()
-                weights.append(w)
-            if hit:
-                idx = idx[~out]
-            if record is not None:
-                record.append(idx)
-            if len(idx) == 0:
-                continue
-            if hit and removal == "zero_weight":  # the sum over the others, still divided by the whole batch
-                loss = F.cross_entropy(model(x[idx]), y[idx], reduction="sum") / b
-            else:  # the mean (a batch without z: bit for bit the reference's step)
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-            if penalty is not None:
-                loss = loss + penalty()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            if not math.isfinite(losses[-1]):
-                raise MsifError(
-                    f"Training diverged: the loss is {losses[-1]} at step {step + 1} of {description or 'training'} "
-                    f"(lr {t.lr:g}, {t.optimizer}), so no checkpoint is saved.",
-                    "Lower the learning rate (train.pretrain.lr / train.finetune.lr).",
-                )
-            seen += len(idx)
-            if show_progress and (step % 10 == 0 or step == steps - 1):
-                rate = seen / max(time.perf_counter() - start, 1e-9)
-                bar.update(task, completed=step + 1, info=f"loss {losses[-1]:.4f}  {rate:,.0f} ex/s")
+                    idx = idx[~out]
+                if record is not None:
+                    record.append(idx)
+                if len(idx) == 0:
+                    continue
+                if hit and removal == "zero_weight":  # the sum over the others, still divided by the whole batch
+                    loss = F.cross_entropy(model(x[idx]), y[idx], reduction="sum") / b
+                else:  # the mean (a batch without z: bit for bit the reference's step)
+                    loss = F.cross_entropy(model(x[idx]), y[idx])
+                if penalty is not None:
+                    loss = loss + penalty()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                if not math.isfinite(losses[-1]):
+                    raise MsifError(
+                        f"Training diverged: the loss is {losses[-1]} at step {step + 1} of "
+                        f"{description or 'training'} (lr {t.lr:g}, {t.optimizer}), so no checkpoint is saved.",
+                        "Lower the learning rate (train.pretrain.lr / train.finetune.lr).",
+                    )
+                seen += len(idx)
+                if show_progress and (step % 10 == 0 or step == steps - 1):
+                    rate = seen / max(time.perf_counter() - start, 1e-9)
+                    bar.update(task, completed=step + 1, info=f"loss {losses[-1]:.4f}  {rate:,.0f} ex/s")
+    finally:
+        model.train(was_training)
     seconds = time.perf_counter() - start
     tail = losses[-max(1, len(losses) // 10) :] or [float("nan")]
     return {
@@ -273,13 +278,17 @@ def finetune_from(cfg: DictConfig, tasks: Tasks, embedding, seed: int, device, d
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Examples | tuple[torch.Tensor, torch.Tensor], batch_size: int) -> dict:
-    """Mean cross-entropy and accuracy of `model` on `data`."""
+    """Mean cross-entropy and accuracy of `model` on `data`, in eval mode (running statistics, no dropout); the
+    model is left in the mode it came in."""
     x, y = (data.x, data.y) if isinstance(data, Examples) else data
     total, correct = 0.0, 0
+    was_training = model.training
+    model.eval()
     for i in range(0, len(y), batch_size):
         logits = model(x[i : i + batch_size])
         total += F.cross_entropy(logits, y[i : i + batch_size], reduction="sum").item()
         correct += (logits.argmax(1) == y[i : i + batch_size]).sum().item()
+    model.train(was_training)
     return {"loss": total / len(y), "accuracy": correct / len(y), "n": len(y)}
 
 

@@ -165,4 +165,4 @@ def test_the_shipped_resnet_is_built_in_eval_mode_with_batchnorm():
     net = build_pretrain_net(model, (3, 16, 16), 2, seed=0)
     assert not net.training
     assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
-    assert net(torch.zeros(2, 3, 16, 16)).shape == (2, 2)
+    assert net(torch.zeros(2, 3, 16, 16, dtype=torch.float32)).shape == (2, 2)
