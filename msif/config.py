@@ -56,10 +56,20 @@ def pretrain_settings(cfg: DictConfig) -> dict[str, Any]:
         "data": data_settings(cfg.dataset, "pretrain"),
         "model": cfg.model,
         **({"model_code": code} if code else {}),
-        "train": cfg.train.pretrain,
-        "seed": cfg.seed,
+        **trained_by(cfg, "pretrain"),
         "dtype": cfg.dtype,
     }
+
+
+def trained_by(cfg: DictConfig, stage: str) -> dict[str, Any]:
+    """How a stage's network came about: trained here (its recipe and seed), or imported from a file (its content
+    hash and the key renames; the recipe then played no part)."""
+    path = cfg.get("weights", {}).get(stage) if cfg.get("weights") else None
+    if not path:
+        return {"train": cfg.train[stage], "seed": cfg.seed}
+    from msif.runs import file_digest
+
+    return {"weights": {"sha256": file_digest(Path(str(path)).expanduser()), "rename": to_plain(cfg.weights.rename)}}
 
 
 def finetune_settings(cfg: DictConfig, pretrain_signature: str) -> dict[str, Any]:
@@ -73,8 +83,7 @@ def finetune_settings(cfg: DictConfig, pretrain_signature: str) -> dict[str, Any
         "pretrain": pretrain_signature,
         "finetune_data": data_settings(cfg.dataset, "finetune"),
         "case": case,
-        "train": cfg.train.finetune,
-        "seed": cfg.seed,
+        **trained_by(cfg, "finetune"),
     }
 
 

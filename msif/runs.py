@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from msif.config import signature, to_plain
 from msif.errors import MsifError
 from msif.io import atomic_torch_save, atomic_write_json
-from msif.models import TwoStageNet
+from msif.models import TwoStageNet, strip_prefix
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "msif-checkpoint/1"
@@ -183,6 +183,84 @@ def load_state(net: TwoStageNet, state: dict[str, Any], path: Path) -> None:
             f"The checkpoint {path} does not fit the network this config builds ({first}).",
             "It was made with a different model; use the model config it was made with.",
         ) from None
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks; a missing file is named."""
+    if not path.is_file():
+        raise MsifError(
+            f"The weights file {path} does not exist.",
+            "Point weights.pretrain / weights.finetune at the state_dict file your script saved.",
+        )
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def read_weights(path: Path, rename: dict[str, str]) -> dict[str, torch.Tensor]:
+    """A state_dict from a file saved by another script: a .safetensors file, or a torch file holding the tensors
+    directly or under `state_dict` / `model` / `model_state_dict` (loaded with weights_only=True); DDP's `module.`
+    prefix removed, then each key prefix in `rename` ({old: new}) replaced."""
+    path = Path(path).expanduser()
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state: Any = load_file(str(path))
+        except Exception as err:  # noqa: BLE001 - the library's own error says what is wrong with the file
+            raise MsifError(f"{path} is not a readable safetensors file ({err}).", "Save it again.") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as err:
+            raise MsifError(
+                f"{path} could not be loaded as weights only ({type(err).__name__}: {str(err).splitlines()[0][:200]}).",
+                "Save the network's state_dict (torch.save(net.state_dict(), path)), not the pickled module.",
+            ) from None
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MsifError(
+            f"{path} does not hold a state_dict (a mapping of parameter names to tensors).",
+            "Save net.state_dict(), or a dict with it under 'state_dict'.",
+        )
+    state = strip_prefix(dict(state))
+    for old, new in (rename or {}).items():
+        state = {(new + k[len(old) :] if k == old or k.startswith(old + ".") else k): v for k, v in state.items()}
+    return state
+
+
+def load_weights(net: TwoStageNet, state: dict[str, torch.Tensor], path: Path, stage: str) -> None:
+    """Load a foreign state_dict into `net`, refusing with every missing, unexpected or mis-shaped key listed."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        stats = [k for k in missing if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+        note = " (batch-norm running statistics among them)" if stats else ""
+        parts = [
+            f"missing {missing[:8]}{note}" if missing else "",
+            f"unexpected {unexpected[:8]}" if unexpected else "",
+            f"mis-shaped {shapes[:8]}" if shapes else "",
+        ]
+        raise MsifError(
+            f"The weights {path} (weights.{stage}) do not fit the network the model config builds: "
+            + "; ".join(p for p in parts if p)
+            + ".",
+            "The network's keys are embedding.<...> and head.<...>: choose the model config your script used, "
+            "rename key prefixes with weights.rename={features:embedding,classifier:head}, and save the state_dict "
+            "with its buffers (net.state_dict() includes the batch-norm statistics).",
+        )
+    net.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
 def state_of(net: TwoStageNet) -> dict[str, Any]:

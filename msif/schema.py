@@ -39,6 +39,13 @@ class Upstream:
 
 
 @dataclass
+class Weights:
+    pretrain: str | None = None
+    finetune: str | None = None
+    rename: dict[str, str] | None = None
+
+
+@dataclass
 class Normalize:
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
@@ -182,6 +189,7 @@ class Base:
     output_root: str = "outputs"
     force: bool = False
     upstream: Upstream = field(default_factory=Upstream)
+    weights: Weights = field(default_factory=Weights)
     dataset: Dataset = field(default_factory=Dataset)
     model: Model = field(default_factory=Model)
     train: Train = field(default_factory=Train)

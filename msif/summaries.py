@@ -18,9 +18,8 @@ def trained_table(stage: str, metrics: dict) -> Table:
     ]
     fit = metrics["fit"]
     params = ", ".join(f"|{k.replace('Theta', 'Θ')}| = {v:,}" for k, v in metrics["parameters"].items())
-    t = table(
-        f"{stage}: {fit['steps']} steps, {fit['seconds']:.1f} s", ["split", "examples", "mean loss", "accuracy"], rows
-    )
+    how = f"imported from {fit['imported']}" if "imported" in fit else f"{fit['steps']} steps, {fit['seconds']:.1f} s"
+    t = table(f"{stage}: {how}", ["split", "examples", "mean loss", "accuracy"], rows)
     t.caption, t.caption_justify = f"parameters: {params}", "left"
     return t
 

@@ -163,8 +163,7 @@ def _select(source: Source, split: str, classes: list[int], n: int | None, seed:
         std = torch.tensor(list(source.normalize[1]), dtype=torch.float32)
         if x.dim() < 2 or len(mean) != x.shape[1] or len(std) != x.shape[1]:
             raise MsifError(
-                f"The normalisation of '{source.name}' has {len(mean)} means for inputs of shape "
-                f"{tuple(x.shape[1:])}.",
+                f"The normalisation of '{source.name}' has {len(mean)} means for inputs of shape {tuple(x.shape[1:])}.",
                 "Give one mean and one std per input channel (dataset.normalize, or the source's normalize).",
             )
         view = (1, -1) + (1,) * (x.dim() - 2)

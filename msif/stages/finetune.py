@@ -17,10 +17,11 @@ from omegaconf import DictConfig
 
 from msif.config import finetune_settings
 from msif.console import say
+from msif.errors import MsifError
 from msif.lifecycle import Context, Stage, need, run
 from msif.models import build_finetune_net, count_parameters
 from msif.runs import RunFolder, Trained
-from msif.stages.pretrain import load_trained, pretrained, save_trained
+from msif.stages.pretrain import imported, load_trained, pretrained, save_trained
 from msif.training import evaluate, finetune_from, squared_distance
 
 
@@ -39,13 +40,28 @@ class Finetune(Stage):
     def compute(self, cfg: DictConfig, ctx: Context, pre: Trained, folder: RunFolder) -> Trained:
         tasks = ctx.tasks(cfg)
         task, t, dev = tasks.finetune, cfg.train.finetune, ctx.device
+        how = f"weights from {cfg.weights.finetune}" if cfg.weights.finetune else f"{t.steps} steps"
         say(
             f"finetune ({cfg.case.name}): {cfg.dataset.name} classes {task.train.class_names}, n={len(task.train):,} "
-            f"examples, {t.steps} steps on {dev}, from {pre.run.path}"
+            f"examples, {how} on {dev}, from {pre.run.path}"
         )
         start = time.perf_counter()
         anchor = [p.detach().to(dev, copy=True) for p in pre.net.embedding.parameters()]
-        net, fit_stats = finetune_from(cfg, tasks, pre.net.embedding, cfg.seed, dev, ctx.dtype)
+        if cfg.weights.finetune:  # trained elsewhere
+            embedding = copy.deepcopy(pre.net.embedding)
+            net = build_finetune_net(cfg.model, embedding, tasks.input_shape, task.num_classes, cfg.seed, ctx.dtype)
+            net = imported(cfg, ctx, "finetune", net)
+            fit_stats = {"imported": str(Path(str(cfg.weights.finetune)).expanduser().resolve())}
+            moved = float(squared_distance(net.embedding.parameters(), anchor).sqrt())
+            if cfg.case.name == "fixed" and moved > 0:
+                raise MsifError(
+                    f"case=fixed, but the embedding in {cfg.weights.finetune} differs from the pretrained one "
+                    f"(‖W_finetuned − W_pretrained‖ = {moved:.3g}): in case fixed finetuning leaves W as it is.",
+                    "Use case=updated for a finetune that trained the embedding too, or check that weights.pretrain "
+                    "is the network this finetune started from.",
+                )
+        else:
+            net, fit_stats = finetune_from(cfg, tasks, pre.net.embedding, cfg.seed, dev, ctx.dtype)
         bs = cfg.train.eval_batch_size
         metrics = {
             "stage": "finetune",

@@ -8,11 +8,21 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from msif.config import pretrain_settings
+from msif.config import pretrain_settings, to_plain
 from msif.console import console, say
 from msif.lifecycle import Context, Stage, need, run
 from msif.models import build_pretrain_net, count_parameters, parameter_groups
-from msif.runs import RunFolder, Trained, load_checkpoint, load_state, read_json, save_run, state_of
+from msif.runs import (
+    RunFolder,
+    Trained,
+    load_checkpoint,
+    load_state,
+    load_weights,
+    read_json,
+    read_weights,
+    save_run,
+    state_of,
+)
 from msif.summaries import trained_table
 from msif.training import evaluate, train_pretrain_net
 
@@ -29,12 +39,22 @@ class Pretrain(Stage):
     def compute(self, cfg: DictConfig, ctx: Context, up: None, folder: RunFolder) -> Trained:
         tasks = ctx.tasks(cfg)
         task = tasks.pretrain
+        how = f"weights from {cfg.weights.pretrain}" if cfg.weights.pretrain else f"{cfg.train.pretrain.steps} steps"
         say(
             f"pretrain: {cfg.dataset.name} classes {task.train.class_names}, m={len(task.train):,} examples, "
-            f"model {cfg.model.name}, {cfg.train.pretrain.steps} steps on {ctx.device}"
+            f"model {cfg.model.name}, {how} on {ctx.device}"
         )
         start = time.perf_counter()
-        net, fit_stats = train_pretrain_net(cfg, tasks, cfg.seed, ctx.device, ctx.dtype)
+        if cfg.weights.pretrain:  # trained elsewhere: the user's weights instead of training
+            net = imported(
+                cfg,
+                ctx,
+                "pretrain",
+                build_pretrain_net(cfg.model, tasks.input_shape, task.num_classes, cfg.seed, ctx.dtype),
+            )
+            fit_stats = {"imported": str(Path(str(cfg.weights.pretrain)).expanduser().resolve())}
+        else:
+            net, fit_stats = train_pretrain_net(cfg, tasks, cfg.seed, ctx.device, ctx.dtype)
         bs = cfg.train.eval_batch_size
         metrics = {
             "stage": "pretrain",
@@ -54,6 +74,13 @@ class Pretrain(Stage):
             return build_pretrain_net(cfg.model, input_shape, num_classes, cfg.seed, ctx.dtype)
 
         return load_trained(cfg, ctx, folder, path, "pretrain", build)
+
+
+def imported(cfg: DictConfig, ctx: Context, stage: str, net):
+    """`net` holding the weights of `weights.<stage>` (checked key by key against the network), in eval mode."""
+    path = Path(str(cfg.weights[stage])).expanduser()
+    load_weights(net, read_weights(path, to_plain(cfg.weights.rename)), path, stage)
+    return net.to(ctx.device).eval()
 
 
 def save_trained(folder: RunFolder, net, metrics: dict, tasks, stage: str, title: str) -> Trained:
