@@ -166,3 +166,12 @@ def test_the_shipped_resnet_is_built_in_eval_mode_with_batchnorm():
     assert not net.training
     assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
     assert net(torch.zeros(2, 3, 16, 16, dtype=torch.float32)).shape == (2, 2)
+
+
+def test_a_batchnorm_network_runs_through_the_command_and_says_it_scores_eval_mode(env):
+    from tests.helpers.cli import msif, ok
+
+    layers = "[{conv:8,kernel:3,batchnorm:true},{pool:2},{dropout:0.2}]"
+    args = ["dataset=digits", f"model.embedding.layers={layers}", "train.pretrain.steps=40", "train.finetune.steps=40"]
+    out = ok(msif(["influence", *args]))
+    assert "BatchNorm2d, Dropout" in out.stdout and "eval mode" in out.stdout

@@ -98,6 +98,11 @@ class Influence(Stage):
             f"({len(score_rows):,} scored), target T = {len(targets):,} test points ({cfg.target.kind}"
             f"{', per test point' if cfg.target.per_test else ', summed'}), solver {cfg.solver.pretrain.method}"
         )
+        if stochastic := stochastic_layers(up.fin.net):
+            say(
+                f"influence: the network has {stochastic}; the losses are those of eval mode (batch-norm running "
+                "statistics frozen, dropout off), the function whose Hessian msif computes"
+            )
         msi = build_influence(cfg, up, ctx)
         partial = folder.path / "partial"  # solved vectors and score parts of an unfinished run
         if cfg.force and distributed.is_main():
@@ -311,3 +316,12 @@ def report(cfg: DictConfig, frame: pd.DataFrame, summary: dict, path: Path) -> N
     for t in influence_tables(frame, summary, int(cfg.output.top_k)):
         console.print(t)
     say(f"scores: {path / 'scores.parquet'} ({len(frame):,} rows)")
+
+
+def stochastic_layers(net: torch.nn.Module) -> str:
+    """The layers whose train-mode output differs from eval mode (batch norm, dropout), named; "" when none."""
+    kinds = sorted({type(m).__name__ for m in net.modules() if isinstance(m, BEHAVE_DIFFERENTLY)})
+    return ", ".join(kinds)
+
+
+BEHAVE_DIFFERENTLY = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)
