@@ -18,9 +18,10 @@ def trained_table(stage: str, metrics: dict) -> Table:
     ]
     fit = metrics["fit"]
     params = ", ".join(f"|{k.replace('Theta', 'Θ')}| = {v:,}" for k, v in metrics["parameters"].items())
-    how = f"imported from {fit['imported']}" if "imported" in fit else f"{fit['steps']} steps, {fit['seconds']:.1f} s"
+    how = "imported weights" if "imported" in fit else f"{fit['steps']} steps, {fit['seconds']:.1f} s"
     t = table(f"{stage}: {how}", ["split", "examples", "mean loss", "accuracy"], rows)
-    t.caption, t.caption_justify = f"parameters: {params}", "left"
+    origin = f"\nfrom {fit['imported']}" if "imported" in fit else ""
+    t.caption, t.caption_justify = f"parameters: {params}{origin}", "left"
     return t
 
 
