@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from msif.config import pretrain_settings, signature
 from msif.data import build_tasks
@@ -279,7 +280,17 @@ def _trained_elsewhere(tmp_path: Path, wrap: str):
     return pre, fin, tasks, files
 
 
-@pytest.mark.parametrize("wrap", ["plain", "state_dict", "module", "safetensors"])
+@pytest.mark.parametrize("wrap", ["state_dict", "module"])
+def test_wrapped_and_ddp_prefixed_state_dicts_read_as_the_plain_one(wrap, tmp_path):
+    from msif.runs import read_weights
+
+    pre, _, _, (pre_file, _) = _trained_elsewhere(tmp_path, wrap)
+    state = read_weights(pre_file, {})
+    assert state.keys() == pre.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in pre.state_dict().items())
+
+
+@pytest.mark.parametrize("wrap", ["plain", "safetensors"])
 def test_networks_trained_elsewhere_are_scored_from_the_command_line(wrap, env, tmp_path):
     import pandas as pd
 
@@ -299,13 +310,13 @@ def test_networks_trained_elsewhere_are_scored_from_the_command_line(wrap, env, 
         pre, fin, (tasks.pretrain.train.x, tasks.pretrain.train.y), (tasks.finetune.train.x, tasks.finetune.train.y),
         case="fixed", solver=solver_group(cfg), hessian_sample=None,
     )  # fmt: skip
-    if wrap == "plain":
-        from msif.config import response_solvers
+    from msif.config import response_solvers
 
-        api.solver = response_solvers(cfg, solver_group(cfg), len(tasks.pretrain.train))
-        expected = api.influence(tasks.finetune.test.x, tasks.finetune.test.y).numpy()
-        assert np.corrcoef(table["score"].to_numpy(), expected)[0, 1] > 0.9999
-    ok(msif(["validate-loo", *args, "loo.k=2", "loo.bootstrap=20", "loo.repeats=1"]))
+    api.solver = response_solvers(cfg, solver_group(cfg), len(tasks.pretrain.train))
+    expected = api.influence(tasks.finetune.test.x, tasks.finetune.test.y).numpy()
+    assert np.corrcoef(table["score"].to_numpy(), expected)[0, 1] > 0.9999
+    if wrap == "plain":
+        ok(msif(["validate-loo", *args, "loo.k=2", "loo.bootstrap=20", "loo.repeats=1"]))
 
 
 def test_weights_that_do_not_fit_are_refused_with_the_keys_listed(env, tmp_path):
