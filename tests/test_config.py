@@ -75,10 +75,15 @@ def test_paper_section_experiments_say_what_the_paper_did():
 INPUT_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar": (3, 32, 32), "tiny": (10,)}
 
 
+# the networks not tied to one data set, with the data set they are built for here
+DATASET_OF = {"resnet8": "cifar", "torchvision": "cifar"}
+
+
 @pytest.mark.parametrize("model", options("model"))
 def test_every_model_builds_with_disjoint_parameter_groups_covering_both_networks(model):
-    cfg = compose_cfg("finetune", [f"dataset={model}", f"model={model}"])
-    shape = INPUT_SHAPES[model]
+    dataset = DATASET_OF.get(model, model)
+    cfg = compose_cfg("finetune", [f"dataset={dataset}", f"model={model}"])
+    shape = INPUT_SHAPES[dataset]
     pre = build_pretrain_net(cfg.model, shape, 4, seed=0)
     fin = build_finetune_net(cfg.model, pre.embedding, shape, 6, seed=0)
     groups = parameter_groups(pre, fin)
