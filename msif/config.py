@@ -64,7 +64,7 @@ def pretrain_settings(cfg: DictConfig) -> dict[str, Any]:
 def trained_by(cfg: DictConfig, stage: str) -> dict[str, Any]:
     """How a stage's network came about: trained here (its recipe and seed), or imported from a file (its content
     hash and the key renames; the recipe then played no part)."""
-    path = cfg.get("weights", {}).get(stage) if cfg.get("weights") else None
+    path = OmegaConf.select(cfg, f"weights.{stage}")
     if not path:
         return {"train": cfg.train[stage], "seed": cfg.seed}
     from msif.runs import file_digest

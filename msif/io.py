@@ -53,6 +53,13 @@ def atomic_write_json(obj: Any, path: Path) -> None:
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", path)
 
 
+def update_with_file(h: Any, path: Path) -> None:
+    """Feed a file's bytes to the hash `h` (hashlib), in 1 MiB blocks."""
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+
+
 def load_tensors(path: Path) -> Any | None:
     """Load a cache file with `weights_only=True`; None when it is unreadable (a cache can always be rebuilt)."""
     try:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from msif.config import signature, to_plain
 from msif.errors import MsifError
-from msif.io import atomic_torch_save, atomic_write_json
+from msif.io import atomic_torch_save, atomic_write_json, update_with_file
 from msif.models import TwoStageNet, strip_prefix
 
 CHECKPOINT = "checkpoint.pt"
@@ -193,9 +193,7 @@ def file_digest(path: Path) -> str:
             "Point weights.pretrain / weights.finetune at the state_dict file your script saved.",
         )
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    update_with_file(h, path)
     return h.hexdigest()[:16]
 
 

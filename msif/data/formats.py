@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from msif.errors import MsifError
+from msif.io import update_with_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -325,7 +326,5 @@ def content_key(entry: Any) -> str:
         if not path.is_file():
             key.update(b"missing")
             continue
-        with open(path, "rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                key.update(block)
+        update_with_file(key, path)
     return key.hexdigest()

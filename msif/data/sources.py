@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from msif.config import to_plain
 from msif.data import formats
 from msif.errors import MsifError
 from msif.io import atomic_torch_save, load_tensors
@@ -83,7 +84,7 @@ def source_spec(ds: Any, stage: str | None = None) -> dict[str, Any]:
             "Set dataset.source (both stages) or a source per stage in your experiment config, e.g. "
             "dataset.source: {kind: image_folder, root: <folder>} (README, 'Your own data').",
         )
-    spec = OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else spec
+    spec = to_plain(spec)
     if isinstance(spec, str):
         if spec not in BUILTIN:
             raise MsifError(
@@ -92,9 +93,9 @@ def source_spec(ds: Any, stage: str | None = None) -> dict[str, Any]:
                 f"{' | '.join(SOURCE_KINDS)} (README, 'Your own data').",
             )
         out = {"kind": spec, "root": ds.get("root"), "download": bool(ds.get("download", False))}
-        out["normalize"] = _plain(ds.get("normalize"))
+        out["normalize"] = to_plain(ds.get("normalize"))
         if spec == "tiny":
-            out["generator"] = _plain(ds.get("generator"))
+            out["generator"] = to_plain(ds.get("generator"))
         return out
     if not isinstance(spec, dict) or spec.get("kind") not in SOURCE_KINDS:
         got = spec.get("kind") if isinstance(spec, dict) else spec
@@ -124,10 +125,6 @@ _EXAMPLES = {
     "torchvision": "e.g. {kind: torchvision, name: KMNIST, root: ~/data}.",
     "arrays": "e.g. {kind: arrays, train: train.npz, test: test.npz}, each holding x and y.",
 }
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def _check_options(spec: dict, where: str) -> None:
