@@ -159,6 +159,8 @@ def influence_settings(cfg: DictConfig, finetune_signature: str) -> dict[str, An
     extra = {}
     if response_kind(cfg) == "retrain":  # the inverse's runs keep the signatures they had before this setting
         extra["response"] = cfg.response
+    if cfg.get("embedding_params") is not None:  # part of W tracked: runs that track all of it keep their signatures
+        extra["embedding_params"] = list(cfg.embedding_params)
     if cfg.get("mode", "multi_stage") == "single_stage":  # chained to the pretrain run; no finetune case
         return extra | {
             "version": FORMAT_VERSION,

@@ -250,6 +250,7 @@ class Influence(Base):
 
     mode: str = one_of("multi_stage", "single_stage", default="multi_stage")
     solver: dict[str, Any] = field(default_factory=dict)  # checked by msif.influence.settings (msif.config)
+    embedding_params: list[str] | None = None  # globs of the embedding parameters to track (the rest held fixed)
     target: Target = field(default_factory=Target)
     score: Score = field(default_factory=Score)
     hessian: HessianSample = field(default_factory=HessianSample)

@@ -8,19 +8,21 @@ from torch import nn
 from torch.func import hessian
 
 from msif.influence.hessian import Hessian
-from msif.influence.params import network_space, summed_loss
+from msif.influence.params import ParamSpace, summed_loss
 
 
 @pytest.fixture()
 def problem():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 3)).double()
-    space, point = network_space(net)
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    space = ParamSpace(params)
+    point = space.flatten(params)
     x = torch.randn(50, 1, 6, 6, dtype=torch.float64)
     y = torch.randint(0, 3, (50,))
     batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 50, 16)]  # the last batch is smaller
     loss = summed_loss(net, space)
-    explicit = hessian(lambda q: loss(q, x, y))(point) / 50
+    explicit = hessian(lambda q: loss(q, (x, y)))(point) / 50
     return loss, point, batches, explicit
 
 

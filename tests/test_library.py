@@ -59,8 +59,8 @@ def quadratic(p: int = 12, n: int = 40, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, p, generator=g, dtype=torch.float64)
 
-    def loss(q, x, y):
-        return 0.5 * ((x @ q) ** 2).sum()
+    def loss(q, batch):
+        return 0.5 * ((batch[0] @ q) ** 2).sum()
 
     y = torch.zeros(n)  # unused by the loss; H divides by the number of examples
     H = Hessian(loss, torch.zeros(p, dtype=torch.float64), [(X[:20], y[:20]), (X[20:], y[20:])])
@@ -162,7 +162,7 @@ def test_a_network_or_labels_outside_the_contract_get_one_paragraph_before_any_w
     torch.manual_seed(0)
     plain = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
     x, y = torch.randn(20, 4), torch.randint(0, 2, (20,))
-    with pytest.raises(ValueError, match=r"no `\.embedding` submodule.*features` / `classifier"):
+    with pytest.raises(ValueError, match=r"matches the embedding globs \['embedding\.\*'\].*embedding='features\.\*'"):
         MultiStageInfluence(plain, plain, (x, y), (x, y))
 
     class Net(torch.nn.Module):

@@ -346,3 +346,24 @@ def test_weights_that_do_not_fit_are_refused_with_the_keys_listed(env, tmp_path)
     assert not list(Path(env["MSIF_OUTPUTS"]).rglob("pretrain-*/checkpoint.pt"))[1:], (
         "only the renamed import was saved"
     )
+
+
+def test_tracking_part_of_the_embedding_from_the_command_line(env):
+    """embedding_params tracks the globbed part of W (a run of its own, the rest named as held fixed); a glob that
+    names nothing is refused before any training."""
+    bad = refused(msif(["influence", "dataset=digits", *FAST, "embedding_params=[embedding.9.*]"]))
+    assert "embedding_params=['embedding.9.*'] does not fit model=digits" in bad.stdout + bad.stderr
+    assert not list(Path(env["MSIF_OUTPUTS"]).glob("**/pretrain-*/checkpoint.pt"))
+    part = ok(msif(["influence", "dataset=digits", *FAST, "embedding_params=[embedding.2.*]"]))
+    assert "2 parameter tensors of the embedding are held fixed" in part.stdout
+    whole = ok(msif(["influence", "dataset=digits", *FAST]))
+    import json
+
+    summaries = [
+        json.loads(f.read_text())
+        for f in Path(env["MSIF_OUTPUTS"]).glob("digits/*/pretrain-*/finetune-fixed-*/influence-*/summary.json")
+    ]
+    assert "held fixed" not in whole.stdout and len(summaries) == 2
+    (tracked,) = [s for s in summaries if s["embedding_held_fixed"]]
+    assert tracked["embedding_held_fixed"] == ["embedding.0.weight", "embedding.0.bias"]
+    assert tracked["parameters"]["W"] == 32 * 16 * 9 + 32

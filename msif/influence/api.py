@@ -5,15 +5,27 @@
     scores = msi.influence(x_test, y_test)              # (m,)  I(z, T) for T = all the given test points
     matrix = msi.influence(x_test, y_test, per_test=True)  # (m, |T|)  one column per test point
 
-The networks follow the embedding/head contract of msif.models: modules with `.embedding` (parameters W) and
-`.head` (U for the pretrain network, Θ for the finetune network), `forward(x) = head(embedding(x).flatten(1))`,
-trained with mean cross-entropy. Data are (x, y) tensors or any iterable of (x, y) batches (e.g. a DataLoader).
+The parameters shared by both networks (the embedding W) are named by globs, `embedding="embedding.*"` by default
+(msif.models' `.embedding` / `.head` contract; `embedding="features.*"` for a torchvision-style model); every other
+parameter is the network's head (U for the pretrain network, Θ for the finetune network). `embedding_params` tracks
+only part of W (e.g. the last block of a large backbone) and holds the rest fixed: an approximation.
+
+Data are (x, y) tensors, map-style Datasets, DataLoaders or iterables of batches (msif.influence.batches), read batch
+by batch; batches may be dicts. The losses default to mean cross-entropy of `net(x)` on (x, y) batches; any other is
+an `Objective` (msif.influence.params): `(net, params, batch) -> per-example losses`, e.g. a language model's:
+
+    def lm_loss(net, params, batch):
+        logits = torch.func.functional_call(net, params, (batch["tokens"][:, :-1],))
+        each = F.cross_entropy(logits.transpose(1, 2), batch["tokens"][:, 1:], reduction="none")
+        return each.mean(1)
+    msi = MultiStageInfluence(lm, classifier, corpus_loader, reviews_loader, pretrain_loss=lm_loss)
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -22,6 +34,7 @@ import torch
 from torch import nn
 
 from msif.errors import MsifError
+from msif.influence.batches import Examples, batch_size, take, to_device
 from msif.influence.hessian import GRAPH_BUDGET_BYTES, Hessian
 from msif.influence.multistage import (
     Trace,
@@ -32,7 +45,18 @@ from msif.influence.multistage import (
     pad_to_pretrain_space,
     target_gradient,
 )
-from msif.influence.params import ParamSpace, embed, network_space, summed_loss
+from msif.influence.params import (
+    DEFAULT_EMBEDDING,
+    Objective,
+    ParamSpace,
+    cross_entropy,
+    embed,
+    globs,
+    head_space,
+    network_space,
+    partition,
+    summed_loss,
+)
 from msif.influence.scoring import METHODS as SCORE_METHODS
 from msif.influence.scoring import score_network
 from msif.influence.settings import SETTINGS, SolverSettings, solver_settings
@@ -73,25 +97,48 @@ def check_score_method(method: str) -> str:
     return method
 
 
-def check_network(net: nn.Module, x: torch.Tensor, y: torch.Tensor, what: str, device, two_stage: bool = True) -> None:
-    """The embedding/head contract (`two_stage`) and the labels, checked before any work: one paragraph saying what
-    is expected."""
-    missing = [n for n in ("embedding", "head") if two_stage and not isinstance(getattr(net, n, None), nn.Module)]
-    if missing:
+log = logging.getLogger("msif")
+
+
+def check_network(
+    net: nn.Module, data: Examples, what: str, device, objective: Objective | None = None, two_stage: bool = True
+) -> None:
+    """The loss works on the data, and (for the default cross-entropy) the labels are class indices the network has
+    outputs for, checked before any work: one paragraph saying what is expected."""
+    if len(data) == 0:
+        raise MsifError(f"The {what} data set is empty.", "Pass at least one example.")
+    first = to_device(data.first(2), device)
+    if objective is None:
+        y = data.pair[1] if data.pair is not None else first[1]
+        _check_labels(net, first[0], y, what)
+        return
+    try:
+        with torch.no_grad():
+            losses = objective(net, dict(net.named_parameters()), first)
+    except Exception as err:  # the user's loss on the user's batch: say which, with its own message
         raise MsifError(
-            f"The {what} network ({type(net).__name__}) has no `.{missing[0]}` submodule.",
-            "msif needs a module with `.embedding` (the parameters W shared by both stages) and `.head` (the task's "
-            "own parameters) whose forward is head(embedding(x).flatten(1)); wrap a model that names them "
-            "otherwise (e.g. a torchvision model's `features` / `classifier`) in such a module.",
+            f"The {what} loss failed on the first batch of the data: {type(err).__name__}: {err}",
+            "The loss is called as loss(net, params, batch) with a batch as the data yield it, and must return the "
+            "per-example losses (a tensor of shape (b,)).",
+        ) from err
+    n = batch_size(first)
+    if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (n,):
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise MsifError(
+            f"The {what} loss returned {shape} for a batch of {n} examples, not one loss per example.",
+            f"Return the per-example losses, shape ({n},) (e.g. reduction='none', then a mean over tokens).",
         )
-    if len(y) == 0:
-        raise MsifError(f"The {what} data set is empty.", "Pass at least one (x, y) example.")
-    if y.dtype.is_floating_point or y.dtype == torch.bool:
+
+
+def _check_labels(net: nn.Module, x, y, what: str) -> None:
+    if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dtype == torch.bool:
+        kind = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
         raise MsifError(
-            f"The {what} labels are {y.dtype}, not class indices.", "Pass integer labels 0..k−1 (torch.long)."
+            f"The {what} labels are {kind}, not class indices.",
+            "Pass integer labels 0..k−1 (torch.long), or a loss of your own (pretrain_loss= / finetune_loss=).",
         )
     with torch.no_grad():
-        k = int(net(x[:1].to(device)).shape[-1])
+        k = int(net(x[:1]).shape[-1])
     low, high = int(y.min()), int(y.max())
     if low < 0 or high >= k:
         raise MsifError(
@@ -100,35 +147,9 @@ def check_network(net: nn.Module, x: torch.Tensor, y: torch.Tensor, what: str, d
         )
 
 
-def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) from a pair of tensors, an object with .x/.y, or an iterable of (x, y) batches."""
-    if hasattr(data, "x") and hasattr(data, "y"):
-        return data.x, data.y
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return data[0], data[1]
-    if isinstance(data, Iterable):
-        xs, ys = zip(*[(b[0], b[1]) for b in data], strict=True)
-        return torch.cat(xs), torch.cat(ys)
-    raise MsifError(
-        f"Cannot read examples from a {type(data).__name__}.",
-        "Pass (x, y) tensors or an iterable of (x, y) batches such as a DataLoader.",
-    )
-
-
-def rows_of(x: torch.Tensor, y: torch.Tensor, indices) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows `indices` of (x, y); all of them *without a copy* when None, so that scoring streams batch by batch
-    through x (which may be a memory-mapped tensor larger than memory) and holds one batch at a time."""
-    if indices is None:
-        return x, y
-    idx = torch.as_tensor(indices)
-    return x[idx], y[idx]
-
-
-def _batches(x, y, idx, batch_size, device):
-    return [
-        (x[idx[i : i + batch_size]].to(device), y[idx[i : i + batch_size]].to(device))
-        for i in range(0, len(idx), batch_size)
-    ]
+def hessian_batches(data: Examples, rows: torch.Tensor, size: int, device, net: nn.Module, objective, what) -> list:
+    """The Hessian sample's batches, on the device (held for the whole computation)."""
+    return [to_device(b, device) for b in checked(data.batches(size, rows), net, objective, what)]
 
 
 def _sample(n: int, k: int | None, seed: int) -> torch.Tensor:
@@ -136,6 +157,19 @@ def _sample(n: int, k: int | None, seed: int) -> torch.Tensor:
         return torch.arange(n)
     gen = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=gen)[:k].sort().values
+
+
+def test_examples(x_T, y_T) -> Examples:
+    """The target's examples: (x_T, y_T) tensors, or any data `Examples` reads passed as x_T alone."""
+    return Examples((x_T, y_T) if y_T is not None else x_T, "test examples")
+
+
+def scored_rows(data: Examples, indices) -> tuple[torch.Tensor | None, int]:
+    """(rows, how many) to score: all (None: streamed in order, without a copy) or the given indices."""
+    if indices is None:
+        return None, len(data)
+    rows = torch.as_tensor(indices)
+    return rows, len(rows)
 
 
 class MultiStageInfluence:
@@ -160,11 +194,18 @@ class MultiStageInfluence:
         graph_budget: int = GRAPH_BUDGET_BYTES,
         pretrain_cache_dir: str | Path | None = None,
         finetune_cache_dir: str | Path | None = None,
+        embedding: str | Sequence[str] | None = None,
+        embedding_params: str | Sequence[str] | None = None,
+        pretrain_loss: Objective | None = None,
+        finetune_loss: Objective | None = None,
     ):
         """`solver`: one solver's settings per Hessian (`default_solver()`; typed `SolverSettings` or mappings).
         `graph_budget`: bytes the Hessians' kept gradient graphs may take (0: never keep them).
         `*_cache_dir`: where fitted curvature (the lowrank solver's Ritz pairs) of each Hessian is kept between
-        runs (None: in memory only)."""
+        runs (None: in memory only). `embedding`: globs naming W in both networks (default `embedding.*`);
+        `embedding_params`: the part of W to track (globs; default all), the rest held fixed — an approximation.
+        `pretrain_loss` / `finetune_loss`: per-example losses (`Objective`; default cross-entropy on (x, y)); the
+        finetune loss is also the test loss L_T."""
         if case not in CASES:
             raise MsifError(f"Unknown finetune case '{case}'.", "Use case='fixed' or case='updated'.")
         self.case, self.alpha = case, float(alpha)
@@ -174,47 +215,72 @@ class MultiStageInfluence:
         self.device = torch.device(device) if device is not None else next(pretrain_net.parameters()).device
         self.pretrain_net = copy.deepcopy(pretrain_net).to(self.device).eval()
         self.finetune_net = copy.deepcopy(finetune_net).to(self.device).eval()
-        self.x_pre, self.y_pre = as_tensors(pretrain_data)
-        self.x_fin, self.y_fin = as_tensors(finetune_data)
-        check_network(self.pretrain_net, self.x_pre, self.y_pre, "pretraining", self.device)
-        check_network(self.finetune_net, self.x_fin, self.y_fin, "finetuning", self.device)
-        self.m, self.n = len(self.y_pre), len(self.y_fin)
+        for p in (*self.pretrain_net.parameters(), *self.finetune_net.parameters()):
+            p.requires_grad_(False)  # every derivative is taken of flat vectors; held-fixed parameters stay constants
+        self.pretrain_loss = pretrain_loss or cross_entropy
+        self.finetune_loss = finetune_loss or cross_entropy
+        self.pre_data = Examples(pretrain_data, "pretraining examples")
+        self.fin_data = Examples(finetune_data, "finetuning examples")
+        check_network(self.pretrain_net, self.pre_data, "pretraining", self.device, pretrain_loss)
+        check_network(self.finetune_net, self.fin_data, "finetuning", self.device, finetune_loss)
+        self.m, self.n = len(self.pre_data), len(self.fin_data)
+
+        # Which parameters are W (tracked), the heads, and the embedding parameters held fixed.
+        W_pre, _, fixed = partition(self.pretrain_net, embedding, embedding_params, "pretrain network")
+        W_fin, _, _ = partition(self.finetune_net, embedding, embedding_params, "finetune network")
+        shapes_pre = {n: tuple(p.shape) for n, p in self.pretrain_net.named_parameters()}
+        shapes_fin = {n: tuple(p.shape) for n, p in self.finetune_net.named_parameters()}
+        if W_pre != W_fin or any(shapes_pre[n] != shapes_fin[n] for n in W_pre):
+            raise MsifError(
+                f"The two networks' embeddings differ: the pretrain network's W is {len(W_pre)} parameter tensors, "
+                f"the finetune network's {len(W_fin)}, or their shapes differ "
+                f"(first names: {W_pre[:3]} vs {W_fin[:3]}).",
+                "Both stages share the embedding W: pass networks whose embedding parameters have the same names "
+                "and shapes (the finetune network is the pretrained embedding with a new head).",
+            )
+        self.held_fixed = fixed
+        if fixed:
+            log.info(
+                "influence tracks %d of the embedding's parameter tensors; %d are held fixed", len(W_pre), len(fixed)
+            )
 
         # The pretrain side: G over a fixed random sample of pretraining examples (Appendix B: 1,000).
-        self.pre_space, self.pre_point = network_space(self.pretrain_net)
+        self.pre_space, self.pre_point = network_space(self.pretrain_net, embedding, embedding_params)
         self.hessian_index = _sample(self.m, hessian_sample, sample_seed)
         self.H_G = Hessian(
-            summed_loss(self.pretrain_net, self.pre_space),
+            summed_loss(self.pretrain_net, self.pre_space, self.pretrain_loss),
             self.pre_point,
-            _batches(self.x_pre, self.y_pre, self.hessian_index, batch_size, self.device),
+            hessian_batches(
+                self.pre_data,
+                self.hessian_index,
+                batch_size,
+                self.device,
+                self.pretrain_net,
+                self.pretrain_loss,
+                "pretraining",
+            ),
             graph_budget=graph_budget,
             cache_dir=pretrain_cache_dir,
         )
 
         # The finetune side.
-        self.fin_space, self.fin_point = network_space(self.finetune_net)
-        self.W = self.fin_space.block("embedding.")
+        self.fin_space, self.fin_point = network_space(self.finetune_net, embedding, embedding_params)
+        self.W = self.fin_space.W
         fin_idx = _sample(self.n, finetune_hessian_sample, sample_seed)
-        fin_batches = _batches(self.x_fin, self.y_fin, fin_idx, batch_size, self.device)
-        f_loss = summed_loss(self.finetune_net, self.fin_space)
+        fin_batches = hessian_batches(
+            self.fin_data, fin_idx, batch_size, self.device, self.finetune_net, self.finetune_loss, "finetuning"
+        )
+        f_loss = summed_loss(self.finetune_net, self.fin_space, self.finetune_loss)
         if case == "fixed":
-            pre_W = self.pre_point[self.pre_space.block("embedding.")]
-            if not torch.allclose(pre_W, self.fin_point[self.W]):
+            if not torch.allclose(self.pre_point[self.pre_space.W], self.fin_point[self.W]):
                 raise MsifError(
                     "case='fixed' but the finetuned network's embedding differs from the pretrained one.",
                     "In case fixed W stays at W*; use case='updated' for a finetuned embedding.",
                 )
-            # H_ΘΘ with W frozen: the features are computed once and the Hessian is over the head alone.
-            head_params = {k: v.detach() for k, v in self.finetune_net.head.named_parameters()}
-            head_space = ParamSpace(head_params)
-            features = [(embed(self.finetune_net.embedding, x, batch_size), y) for x, y in fin_batches]
-            self.H_F = Hessian(
-                summed_loss(self.finetune_net.head, head_space),
-                self.fin_point[self.W.stop :],
-                features,
-                graph_budget=graph_budget,
-                cache_dir=finetune_cache_dir,
-            )
+            # H_ΘΘ with W frozen: over the head alone. With msif's own contract (.embedding / .head, cross-entropy)
+            # the features are computed once; otherwise each product runs the whole network with W at W*.
+            loss, theta, batches = self._head_problem(fin_batches, embedding, batch_size)
+            self.H_F = Hessian(loss, theta, batches, graph_budget=graph_budget, cache_dir=finetune_cache_dir)
             self.H_F_full = Hessian(f_loss, self.fin_point, fin_batches, graph_budget=graph_budget)
         else:
             shift = torch.zeros_like(self.fin_point)
@@ -229,16 +295,38 @@ class MultiStageInfluence:
             )
         self.trace = Trace()
 
+    def _head_problem(self, fin_batches: list, embedding, batch_size: int):
+        """(loss over Θ, Θ*, batches) of the case-fixed finetune Hessian H_ΘΘ."""
+        net, theta = self.finetune_net, self.fin_point[self.W.stop :]
+        heads = head_space(self.fin_space)
+        contract = (
+            self.finetune_loss is cross_entropy
+            and globs(embedding, DEFAULT_EMBEDDING) == DEFAULT_EMBEDDING
+            and not self.held_fixed
+            and isinstance(getattr(net, "embedding", None), nn.Module)
+            and isinstance(getattr(net, "head", None), nn.Module)
+            and all(n.startswith("head.") for n in heads.names)
+        )
+        if contract:
+            local = ParamSpace(
+                {n.removeprefix("head."): torch.empty(s) for n, s in zip(heads.names, heads.shapes, strict=True)}
+            )
+            features = [(embed(net.embedding, x, batch_size), y) for x, y in fin_batches]
+            return summed_loss(net.head, local), theta, features
+        return summed_loss(net, heads, self.finetune_loss), theta, fin_batches
+
     def parameter_counts(self) -> dict[str, int]:
         return {"W": self.W.stop, "U": self.pre_space.size - self.W.stop, "Theta": self.fin_space.size - self.W.stop}
 
-    def target_vectors(self, x_T: torch.Tensor, y_T: torch.Tensor, per_test: bool = False) -> torch.Tensor:
-        """The solved vectors s (K, |W| + |U|), one per target (K = 1 unless `per_test`)."""
+    def target_vectors(self, x_T, y_T=None, per_test: bool = False) -> torch.Tensor:
+        """The solved vectors s (K, |W| + |U|), one per target (K = 1 unless `per_test`). The target is
+        (x_T, y_T) tensors, or any test data (batches the finetune loss reads) passed as x_T alone."""
         tr = self.trace
-        x_T, y_T = x_T.to(self.device), y_T.to(self.device)
+        test = test_examples(x_T, y_T)
+        batches = [to_device(b, self.device) for b in test.batches(self.batch_size)]
         with tr.timed("gradients"):
             V = target_gradient(
-                summed_loss(self.finetune_net, self.fin_space), self.fin_point, x_T, y_T, per_test, self.batch_size
+                summed_loss(self.finetune_net, self.fin_space, self.finetune_loss), self.fin_point, batches, per_test
             )
         if self.case == "fixed":
             with tr.timed("ihvp1"):
@@ -265,25 +353,46 @@ class MultiStageInfluence:
 
     def score(self, S: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         """I(z, T) = −⟨s, ∇g(z)⟩ for the pretraining examples `indices` (all when None): (len, K)."""
-        x, y = rows_of(self.x_pre, self.y_pre, indices)
+        rows, count = scored_rows(self.pre_data, indices)
         with self.trace.timed("scoring"):
             return score_network(
                 self.pretrain_net,
                 self.pre_space,
                 self.pre_point,
                 S,
-                x,
-                y,
-                self.batch_size,
+                checked(
+                    self.pre_data.batches(self.batch_size, rows), self.pretrain_net, self.pretrain_loss, "pretraining"
+                ),
+                count,
                 self.device,
                 self.score_method,
                 self.trace.scoring,
                 "pretraining examples",
+                self.pretrain_loss,
             )
 
-    def influence(
-        self, x_T: torch.Tensor, y_T: torch.Tensor, per_test: bool = False, indices: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """I(z, T) for every pretraining example z (or `indices`): (m,) for the summed target, (m, |T|) per test."""
+    def influence(self, x_T, y_T=None, per_test: bool = False, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """I(z, T) for every pretraining example z (or `indices`): (m,) for the summed target, (m, |T|) per test.
+        The target is (x_T, y_T) tensors, or any test data passed as x_T alone."""
         scores = self.score(self.target_vectors(x_T, y_T, per_test), indices)
         return scores if per_test else scores[:, 0]
+
+
+def checked(batches, net: nn.Module, objective: Objective, what: str):
+    """The batches, with the labels of each checked on the way when the loss is the default cross-entropy (a label
+    out of range would otherwise surface as an IndexError deep inside the scoring pass)."""
+    k = None
+    for b in batches:
+        if objective is cross_entropy and isinstance(b, (tuple, list)):
+            y = b[1]
+            if k is None:
+                x1 = take(b, slice(0, 1))[0].to(next(net.parameters()).device)
+                with torch.no_grad():
+                    k = int(net(x1).shape[-1])
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= k):
+                raise MsifError(
+                    f"A batch of the {what} data has labels from {int(y.min())} to {int(y.max())}, but the network "
+                    f"has {k} outputs.",
+                    f"Labels are class indices for cross-entropy: map them to 0..{k - 1}.",
+                )
+        yield b

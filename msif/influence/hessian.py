@@ -23,19 +23,21 @@ import torch
 from torch.func import grad, jvp, vmap
 
 from msif import distributed
+from msif.influence.batches import batch_size, leaves
 from msif.influence.params import FlatLoss
 
 GRAPH_BUDGET_BYTES = 2 * 2**30  # kept gradient graphs of all batches together stay under this (0: never keep them)
 
 
 class Hessian:
-    """H = ∇² of (1/N) Σ over `batches` of `loss(point, x, y)` (+ diag(`shift`)), at the flat vector `point`."""
+    """H = ∇² of (1/N) Σ over `batches` of `loss(point, batch)` (+ diag(`shift`)), at the flat vector `point`; N is
+    the number of examples in the batches (msif.influence.batches: any pytree of tensors, e.g. (x, y))."""
 
     def __init__(
         self,
         loss: FlatLoss,
         point: torch.Tensor,
-        batches: list[tuple[torch.Tensor, torch.Tensor]],
+        batches: list,
         shift: torch.Tensor | None = None,
         chunk: int = 32,
         *,
@@ -45,7 +47,7 @@ class Hessian:
         self.loss = loss
         self.point = point.detach()
         self.batches = batches
-        self.n = sum(len(y) for _, y in batches)
+        self.n = sum(batch_size(b) for b in batches)
         self.shift = shift
         self.chunk = chunk
         self.calls = 0  # Hessian-vector products applied (one per direction)
@@ -88,21 +90,21 @@ class Hessian:
             return None
         graphs = []
         with torch.enable_grad():
-            for i, (x, y) in enumerate(mine):
+            for i, batch in enumerate(mine):
                 q = self.point.clone().requires_grad_(True)
                 if i == 0 and self.graph_bytes is None:
-                    first, g = _saved_bytes(lambda q=q, x=x, y=y: self._gradient_graph(q, x, y))
+                    first, g = _saved_bytes(lambda q=q, batch=batch: self._gradient_graph(q, batch))
                     self.graph_bytes = first * len(mine)  # batches are of equal size but the last
                     if self.graph_bytes > self.graph_budget:
                         return None
                 else:
-                    g = self._gradient_graph(q, x, y)
+                    g = self._gradient_graph(q, batch)
                 graphs.append((q, g))
         self._graphs = graphs
         return graphs
 
-    def _gradient_graph(self, q: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.autograd.grad(self.loss(q, x, y), q, create_graph=True)[0]
+    def _gradient_graph(self, q: torch.Tensor, batch) -> torch.Tensor:
+        return torch.autograd.grad(self.loss(q, batch), q, create_graph=True)[0]
 
     def _through_graphs(self, graphs, V: torch.Tensor) -> torch.Tensor:
         """Σ over kept batches of ∇(gᵀv) = H_batch v: one backward pass per batch (and per chunk of directions)."""
@@ -121,10 +123,10 @@ class Hessian:
 
     def _forward_over_reverse(self, V: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(V)
-        for x, y in distributed.shard(self.batches):  # under torchrun each process sums its share, then all-reduce
+        for batch in distributed.shard(self.batches):  # under torchrun each process sums its share, then all-reduce
 
-            def batch_grad(q, x=x, y=y):
-                return grad(self.loss)(q, x, y)
+            def batch_grad(q, batch=batch):
+                return grad(self.loss)(q, batch)
 
             def hvp(v, batch_grad=batch_grad):
                 return jvp(batch_grad, (self.point,), (v,))[1]
@@ -137,7 +139,7 @@ class Hessian:
     def fingerprint(self) -> str:
         """A short hash of what determines H: the point, the examples it sums over, and the shift."""
         h = hashlib.sha256()
-        for t in (self.point, *(t for batch in self.batches for t in batch)):
+        for t in (self.point, *(t for batch in self.batches for t in leaves(batch))):
             h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         h.update(
             repr(

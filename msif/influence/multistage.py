@@ -22,12 +22,14 @@ steps, pulls back only part of it. As K → ∞ with the exact inverse, u = 2α 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch.func import grad, vmap
 
 from msif import distributed
+from msif.influence.batches import per_example
 from msif.influence.hessian import Hessian
 from msif.influence.params import FlatLoss, ParamSpace
 from msif.influence.solvers import SolveReport, solve
@@ -55,21 +57,15 @@ class Trace:
         return _Timer()
 
 
-def target_gradient(
-    loss: FlatLoss, point: torch.Tensor, x_T: torch.Tensor, y_T: torch.Tensor, per_test: bool, batch_size: int
-) -> torch.Tensor:
-    """Step 1: ∇ L_T at `point`, L_T = Σ_{t∈T} f(t). One row (1, p), or one row per test point (|T|, p)."""
-    starts = list(range(0, len(y_T), batch_size))
+def target_gradient(loss: FlatLoss, point: torch.Tensor, batches: Iterable, per_test: bool) -> torch.Tensor:
+    """Step 1: ∇ L_T at `point`, L_T = Σ_{t∈T} f(t) over the test `batches` (msif.influence.batches). One row
+    (1, p), or one row per test point (|T|, p)."""
+    batches = list(batches)
     if per_test:
-        rows = [
-            vmap(grad(loss), in_dims=(None, 0, 0))(
-                point, x_T[i : i + batch_size].unsqueeze(1), y_T[i : i + batch_size].unsqueeze(1)
-            )
-            for i in starts
-        ]
+        rows = [vmap(grad(loss), in_dims=(None, 0))(point, per_example(b)) for b in batches]
         return torch.cat(rows)
     # under torchrun each process sums its share of T, then all-reduce; one process sums the batch rows as before
-    rows = [grad(loss)(point, x_T[i : i + batch_size], y_T[i : i + batch_size]) for i in distributed.shard(starts)]
+    rows = [grad(loss)(point, b) for b in distributed.shard(batches)]
     total = torch.stack(rows).sum(0, keepdim=True) if rows else torch.zeros(1, point.numel(), dtype=point.dtype)
     return distributed.all_reduce_sum(total.to(point.device))
 
@@ -81,7 +77,7 @@ def ihvp1(H_F: Hessian, V: torch.Tensor, settings) -> tuple[torch.Tensor, SolveR
 
 def mixed_term(H_F_full: Hessian, finetune_space: ParamSpace, A: torch.Tensor) -> torch.Tensor:
     """Step 3 (case fixed): (∂²F/∂Θ∂W)ᵀ a = the W block of H_F [0 ; a], one HVP of the full finetune Hessian."""
-    W = finetune_space.block("embedding.")
+    W = finetune_space.W
     padded = torch.zeros(len(A), finetune_space.size, dtype=A.dtype, device=A.device)
     padded[:, W.stop :] = A
     out = H_F_full.matvec(padded)[:, W]
@@ -100,7 +96,7 @@ def kept_shift(H_F: Hessian, V_W: torch.Tensor, A: torch.Tensor, W: slice, alpha
 def pad_to_pretrain_space(vec_W: torch.Tensor, pretrain_space: ParamSpace) -> torch.Tensor:
     """[w ; 0]: a W-block vector extended by zeros over the pretrain head U."""
     out = torch.zeros(len(vec_W), pretrain_space.size, dtype=vec_W.dtype, device=vec_W.device)
-    out[:, pretrain_space.block("embedding.")] = vec_W
+    out[:, pretrain_space.W] = vec_W
     return out
 
 

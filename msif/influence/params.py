@@ -1,29 +1,59 @@
 """Parameters as one flat vector, and the losses of docs/MATH.md as functions of that vector.
 
-A network's parameters are ordered embedding first, then head, so the W block of a flat vector is its first
-|W| entries and [u ; 0] is `torch.cat([u, zeros(|U|)])`. All Hessians and solves work on these flat vectors.
+A network's parameters are split by name into the embedding W (shared by both stages), the stage's own head (U or
+Θ) and, optionally, embedding parameters held fixed (not tracked: an approximation for large backbones, like
+Kronfluence's tracked modules). The flat vector orders W first, then the head, so the W block is its first |W|
+entries and [u ; 0] is `torch.cat([u, zeros(|U|)])`. All Hessians and solves work on these flat vectors.
+
+The loss is a small protocol, `Objective`: (network, parameters by name, batch) -> the per-example losses of the
+batch, a (b,) tensor. `cross_entropy` (mean cross-entropy of `net(x)` against class indices y, batches `(x, y)`) is
+the default; a language-model loss over dict batches is a few lines (see the README's Python API section).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import fnmatch
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-FlatLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from msif.errors import MsifError
+
+# (flat parameter vector, batch) -> a scalar (summed) or (b,) (per-example) loss
+FlatLoss = Callable[[torch.Tensor, Any], torch.Tensor]
+
+DEFAULT_EMBEDDING = ("embedding.*",)
+
+
+class Objective(Protocol):
+    """Per-example losses of a batch under the given parameters: `(net, params, batch) -> Tensor (b,)`. `params`
+    maps parameter names to tensors; evaluate the network with `torch.func.functional_call(net, params, inputs)`
+    (names it leaves out keep the module's own values). It must be a pure function of `params` and `batch` (no
+    in-place updates, no randomness: the network is in eval mode)."""
+
+    def __call__(self, net: nn.Module, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor: ...
+
+
+def cross_entropy(net: nn.Module, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
+    """The default objective: cross-entropy of net(x) against the class indices y, for batches (x, y)."""
+    x, y = batch[0], batch[1]
+    return F.cross_entropy(functional_call(net, params, (x,)), y, reduction="none")
 
 
 class ParamSpace:
-    """Named parameters <-> one flat vector, in the order of `names`."""
+    """Named parameters <-> one flat vector, in the order of `names`; `W` is the slice of the embedding block."""
 
-    def __init__(self, params: dict[str, torch.Tensor]):
+    def __init__(self, params: dict[str, torch.Tensor], n_embedding: int = 0):
         self.names = list(params)
         self.shapes = [tuple(p.shape) for p in params.values()]
         self.numels = [p.numel() for p in params.values()]
         self.size = sum(self.numels)
+        self.W = slice(0, sum(self.numels[:n_embedding]))
+        self.embedding_names = self.names[:n_embedding]
 
     def flatten(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([params[n].reshape(-1) for n in self.names])
@@ -41,31 +71,87 @@ class ParamSpace:
         return slice(start, start + sum(self.numels[i] for i in idx))
 
 
-def network_space(net: nn.Module) -> tuple[ParamSpace, torch.Tensor]:
-    """The flat space of a TwoStageNet (embedding W first, then the head) and its current point."""
-    params = {k: v.detach() for k, v in net.named_parameters()}
-    params = {
-        **{k: v for k, v in params.items() if k.startswith("embedding.")},
-        **{k: v for k, v in params.items() if not k.startswith("embedding.")},
-    }
-    space = ParamSpace(params)
-    return space, space.flatten(params)
+def globs(patterns: str | Sequence[str] | None, default: Sequence[str]) -> tuple[str, ...]:
+    if patterns is None:
+        return tuple(default)
+    return (patterns,) if isinstance(patterns, str) else tuple(str(p) for p in patterns)
 
 
-def summed_loss(net: nn.Module, space: ParamSpace) -> FlatLoss:
-    """(flat, x, y) -> Σ_i cross-entropy(net(x_i), y_i) with the network's parameters set to `flat`."""
+def matching(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
-    def loss(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(functional_call(net, space.unflatten(flat), (x,)), y, reduction="sum")
+
+def partition(
+    net: nn.Module,
+    embedding: str | Sequence[str] | None = None,
+    tracked: str | Sequence[str] | None = None,
+    what: str = "network",
+) -> tuple[list[str], list[str], list[str]]:
+    """(W, head, held fixed): the names of the parameters matching `embedding` (globs, default
+    `embedding.*`) and, of those, `tracked` (default all of them); the rest of the parameters are the head.
+    Embedding parameters outside `tracked` are held fixed at their values."""
+    # every parameter, whatever its requires_grad: training freezes W in case fixed, and that is not a choice of W
+    names = [n for n, _ in net.named_parameters()]
+    emb_globs = globs(embedding, DEFAULT_EMBEDDING)
+    emb = matching(names, emb_globs)
+    if not emb:
+        raise MsifError(
+            f"No parameter of the {what} ({type(net).__name__}) matches the embedding globs {list(emb_globs)}.",
+            "Name the parameters shared by both stages (W) by globs over `named_parameters()`, e.g. "
+            f"embedding='features.*' for a torchvision model; its first parameter names are {names[:4]}.",
+        )
+    W = emb if tracked is None else matching(emb, globs(tracked, ()))
+    if not W:
+        raise MsifError(
+            f"No embedding parameter of the {what} matches the tracked globs {list(globs(tracked, ()))}.",
+            f"Pick globs among the embedding's parameter names, e.g. {emb[-2:]}.",
+        )
+    head = [n for n in names if n not in set(emb)]
+    if not head:
+        raise MsifError(
+            f"Every parameter of the {what} matches the embedding globs {list(emb_globs)}: it has no head.",
+            "The head (U resp. Θ) is the parameters outside the embedding; narrow the embedding globs.",
+        )
+    return W, head, [n for n in emb if n not in set(W)]
+
+
+def network_space(
+    net: nn.Module, embedding: str | Sequence[str] | None = None, tracked: str | Sequence[str] | None = None
+) -> tuple[ParamSpace, torch.Tensor]:
+    """The flat space of a two-stage network (the tracked embedding W first, then the head) and its current point."""
+    W, head, _ = partition(net, embedding, tracked)
+    params = dict(net.named_parameters())
+    space = ParamSpace({n: params[n].detach() for n in (*W, *head)}, n_embedding=len(W))
+    return space, space.flatten({n: params[n].detach() for n in space.names})
+
+
+def head_space(space: ParamSpace) -> ParamSpace:
+    """The head block of `space` on its own (case fixed: W is frozen during finetuning)."""
+    params = dict(zip(space.names, space.shapes, strict=True))
+    return ParamSpace({n: torch.empty(params[n]) for n in space.names[len(space.embedding_names) :]})
+
+
+def per_example_loss(
+    net: nn.Module, space: ParamSpace, objective: Objective = cross_entropy, fixed: dict | None = None
+) -> FlatLoss:
+    """(flat, batch) -> the (b,) per-example losses with the parameters of `space` set to `flat` (and those of
+    `fixed` to theirs; the network's own values for the rest)."""
+    fixed = fixed or {}
+
+    def loss(flat: torch.Tensor, batch) -> torch.Tensor:
+        return objective(net, {**fixed, **space.unflatten(flat)}, batch)
 
     return loss
 
 
-def per_example_loss(net: nn.Module, space: ParamSpace) -> FlatLoss:
-    """(flat, x, y) -> the vector of per-example cross-entropies."""
+def summed_loss(
+    net: nn.Module, space: ParamSpace, objective: Objective = cross_entropy, fixed: dict | None = None
+) -> FlatLoss:
+    """(flat, batch) -> Σ over the batch of the per-example losses (see `per_example_loss`)."""
+    each = per_example_loss(net, space, objective, fixed)
 
-    def loss(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(functional_call(net, space.unflatten(flat), (x,)), y, reduction="none")
+    def loss(flat: torch.Tensor, batch) -> torch.Tensor:
+        return each(flat, batch).sum()
 
     return loss
 

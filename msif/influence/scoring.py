@@ -14,11 +14,14 @@ choice is reported); pin it with score.method=jvp|per_example when bit-identical
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.func import grad, jvp, vmap
 
+from msif.errors import MsifError
+from msif.influence.batches import batch_size, take, to_device
+from msif.influence.batches import per_example as as_single
 from msif.influence.params import FlatLoss
 
 # per-example gradients are formed for at most this many (example x parameter) entries at a time
@@ -38,38 +41,36 @@ def score_examples(
     summed: FlatLoss,
     point: torch.Tensor,
     S: torch.Tensor,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    batch_size: int,
+    batches: Iterable,
+    m: int,
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
     method: str = "auto",
     chosen: dict | None = None,
 ) -> torch.Tensor:
-    """Scores (m, K): −⟨S_k, ∇g(z_i)⟩ for each example i of (x, y) and each row S_k. `chosen` (a dict) receives
-    the method used and, for auto, the measured seconds of both on the first batch."""
+    """Scores (m, K): −⟨S_k, ∇g(z_i)⟩ for each example i of the `batches` (m examples in all, streamed: one batch is
+    held at a time) and each row S_k. `chosen` (a dict) receives the method used and, for auto, the measured seconds
+    of both on the first batch."""
     K = len(S)
-    out = torch.empty(len(y), K, dtype=S.dtype)
-    pe_batch = max(1, min(batch_size, PER_EXAMPLE_BUDGET // max(1, point.numel())))
+    out = torch.empty(m, K, dtype=S.dtype)
+    pe_batch = max(1, PER_EXAMPLE_BUDGET // max(1, point.numel()))
 
-    def by_jvp(xb, yb):
-        return torch.cat([_jvp_rows(xb[r : r + JVP_ROWS], yb[r : r + JVP_ROWS]) for r in range(0, len(yb), JVP_ROWS)])
+    def by_jvp(b, n):
+        return torch.cat([_jvp_rows(take(b, slice(r, r + JVP_ROWS))) for r in range(0, n, JVP_ROWS)])
 
-    def _jvp_rows(xb, yb):
+    def _jvp_rows(b):
         def directional(s):
-            return jvp(lambda q: per_example(q, xb, yb), (point,), (s,))[1]
+            return jvp(lambda q: per_example(q, b), (point,), (s,))[1]
 
         if K == 1:
             return directional(S[0]).unsqueeze(1).detach()
         # vmapped directions hold a tangent of every activation each: JVP_CHUNK of them at a time bounds the memory
         return torch.cat([vmap(directional)(S[j : j + JVP_CHUNK]).T for j in range(0, K, JVP_CHUNK)], 1).detach()
 
-    def by_grads(xb, yb):
+    def by_grads(b, n):
         rows = []
-        for j in range(0, len(yb), pe_batch):
-            g = vmap(grad(summed), in_dims=(None, 0, 0))(
-                point, xb[j : j + pe_batch].unsqueeze(1), yb[j : j + pe_batch].unsqueeze(1)
-            )
+        for j in range(0, n, pe_batch):
+            g = vmap(grad(summed), in_dims=(None, 0))(point, as_single(take(b, slice(j, j + pe_batch))))
             rows.append(g @ S.T)
         return torch.cat(rows).detach()
 
@@ -78,22 +79,35 @@ def score_examples(
     if use == "auto" and K > AUTO_MEASURE_MAX_K:  # jvp costs K passes: per-example gradients win, no need to measure
         use = "per_example"
     info = chosen if chosen is not None else {}
-    for i in range(0, len(y), batch_size):
-        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+    i = 0
+    for b in batches:
+        b = to_device(b, device)
+        n = batch_size(b)
+        if i + n > m:
+            raise MsifError(
+                f"The data yielded more than the {m:,} examples they were counted as.",
+                "Pass data that yield the same examples on every pass (no random augmentation, a fixed order).",
+            )
         if use == "auto":  # measure both on this first batch, keep the faster
             seconds, blocks = {}, {}
             for name, fn in ways.items():
                 start = time.perf_counter()
-                blocks[name] = fn(xb, yb)
+                blocks[name] = fn(b, n)
                 seconds[name] = time.perf_counter() - start
             use = min(seconds, key=seconds.get)
             info["measured_seconds"] = seconds
             block = blocks[use]
         else:
-            block = ways[use](xb, yb)
-        out[i : i + len(yb)] = -block.cpu()
+            block = ways[use](b, n)
+        out[i : i + n] = -block.cpu()
+        i += n
         if on_batch is not None:
-            on_batch(len(yb))
+            on_batch(n)
+    if i != m:
+        raise MsifError(
+            f"The data yielded {i:,} examples where {m:,} were expected.",
+            "Pass data that yield the same examples on every pass (no random augmentation, a fixed order).",
+        )
     info["method"] = use
     return out
 
@@ -103,28 +117,29 @@ def score_network(
     space,
     point: torch.Tensor,
     S: torch.Tensor,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    batch_size: int,
+    batches: Iterable,
+    m: int,
     device: torch.device,
     method: str,
     chosen: dict,
     what: str,
+    objective=None,
+    fixed: dict | None = None,
 ) -> torch.Tensor:
     """`score_examples` for a network in its flat parameter space, with a (transient) progress bar."""
-    from msif.influence.params import per_example_loss, summed_loss
+    from msif.influence.params import cross_entropy, per_example_loss, summed_loss
     from msif.progress import progress
 
+    objective = objective or cross_entropy
     with progress(transient=True) as bar:
-        task = bar.add_task(f"scoring {what}", total=len(y), info="")
+        task = bar.add_task(f"scoring {what}", total=m, info="")
         return score_examples(
-            per_example_loss(net, space),
-            summed_loss(net, space),
+            per_example_loss(net, space, objective, fixed),
+            summed_loss(net, space, objective, fixed),
             point,
             S.detach(),
-            x,
-            y,
-            batch_size,
+            batches,
+            m,
             device,
             lambda k: bar.advance(task, k),
             method=method,

@@ -18,10 +18,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from msif.influence.api import _batches, _sample, as_tensors, check_network, check_score_method, rows_of
+from msif.influence.api import (
+    _sample,
+    check_network,
+    check_score_method,
+    checked,
+    hessian_batches,
+    scored_rows,
+    test_examples,
+)
+from msif.influence.batches import Examples, to_device
 from msif.influence.hessian import GRAPH_BUDGET_BYTES, Hessian
 from msif.influence.multistage import Trace, target_gradient
-from msif.influence.params import network_space, summed_loss
+from msif.influence.params import Objective, ParamSpace, cross_entropy, summed_loss
 from msif.influence.scoring import score_network
 from msif.influence.settings import SolverSettings, solver_settings
 from msif.influence.solvers import solve
@@ -47,23 +56,31 @@ class SingleStageInfluence:
         score_method: str = "auto",
         graph_budget: int = GRAPH_BUDGET_BYTES,
         cache_dir: str | Path | None = None,
+        loss: Objective | None = None,
     ):
         """`solver`: the IHVP solver's settings (typed, or a mapping with `method`); `graph_budget`: bytes the
-        Hessian's kept gradient graphs may take; `cache_dir`: where fitted curvature (lowrank) is kept."""
+        Hessian's kept gradient graphs may take; `cache_dir`: where fitted curvature (lowrank) is kept; `loss`: the
+        per-example loss (msif.influence.params.Objective; default cross-entropy on (x, y) batches). Data: anything
+        msif.influence.batches.Examples reads (tensors, Datasets, DataLoaders, iterables of batches)."""
         self.solver = solver_settings(solver if solver is not None else DEFAULT_SOLVER, "pretrain")
         self.batch_size = batch_size
         self.score_method = check_score_method(score_method)  # msif.influence.scoring: auto | jvp | per_example
         self.device = torch.device(device) if device is not None else next(net.parameters()).device
         self.net = copy.deepcopy(net).to(self.device).eval()
-        self.x, self.y = as_tensors(train_data)
-        check_network(self.net, self.x, self.y, "training", self.device, two_stage=False)
-        self.m = len(self.y)
-        self.space, self.point = network_space(self.net)
+        for p in self.net.parameters():
+            p.requires_grad_(False)  # every derivative is taken of the flat vector
+        self.loss = loss or cross_entropy
+        self.data = Examples(train_data, "training examples")
+        check_network(self.net, self.data, "training", self.device, loss)
+        self.m = len(self.data)
+        params = {n: p.detach() for n, p in self.net.named_parameters()}
+        self.space = ParamSpace(params)
+        self.point = self.space.flatten(params)
         self.hessian_index = _sample(self.m, hessian_sample, sample_seed)
         self.H = Hessian(
-            summed_loss(self.net, self.space),
+            summed_loss(self.net, self.space, self.loss),
             self.point,
-            _batches(self.x, self.y, self.hessian_index, batch_size, self.device),
+            hessian_batches(self.data, self.hessian_index, batch_size, self.device, self.net, self.loss, "training"),
             graph_budget=graph_budget,
             cache_dir=cache_dir,
         )
@@ -72,17 +89,11 @@ class SingleStageInfluence:
     def parameter_counts(self) -> dict[str, int]:
         return {"theta": self.space.size}
 
-    def target_vectors(self, x_T: torch.Tensor, y_T: torch.Tensor, per_test: bool = False) -> torch.Tensor:
-        """s = H⁻¹ ∇L_T, one row per target (K = 1 unless `per_test`)."""
+    def target_vectors(self, x_T, y_T=None, per_test: bool = False) -> torch.Tensor:
+        """s = H⁻¹ ∇L_T, one row per target (K = 1 unless `per_test`); (x_T, y_T) tensors or test data as x_T."""
+        batches = [to_device(b, self.device) for b in test_examples(x_T, y_T).batches(self.batch_size)]
         with self.trace.timed("gradients"):
-            V = target_gradient(
-                summed_loss(self.net, self.space),
-                self.point,
-                x_T.to(self.device),
-                y_T.to(self.device),
-                per_test,
-                self.batch_size,
-            )
+            V = target_gradient(summed_loss(self.net, self.space, self.loss), self.point, batches, per_test)
         with self.trace.timed("ihvp"):
             S, report = solve(self.H, V, self.solver, "pretrain")
             self.trace.solves.append(report)
@@ -90,25 +101,23 @@ class SingleStageInfluence:
 
     def score(self, S: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         """I(z, T) = −⟨s, ∇ℓ(z)⟩ for the training examples `indices` (all when None): (len, K)."""
-        x, y = rows_of(self.x, self.y, indices)
+        rows, count = scored_rows(self.data, indices)
         with self.trace.timed("scoring"):
             return score_network(
                 self.net,
                 self.space,
                 self.point,
                 S,
-                x,
-                y,
-                self.batch_size,
+                checked(self.data.batches(self.batch_size, rows), self.net, self.loss, "training"),
+                count,
                 self.device,
                 self.score_method,
                 self.trace.scoring,
                 "training examples",
+                self.loss,
             )
 
-    def influence(
-        self, x_T: torch.Tensor, y_T: torch.Tensor, per_test: bool = False, indices: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def influence(self, x_T, y_T=None, per_test: bool = False, indices: torch.Tensor | None = None) -> torch.Tensor:
         """I(z, T) for every training example z (or `indices`): (m,) for the summed target, (m, |T|) per test."""
         scores = self.score(self.target_vectors(x_T, y_T, per_test), indices)
         return scores if per_test else scores[:, 0]

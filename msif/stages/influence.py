@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from msif import distributed
-from msif.config import influence_settings, response_solvers, solver_group
+from msif.config import influence_settings, response_solvers, solver_group, to_plain
 from msif.console import console, say
 from msif.errors import MsifError
 from msif.influence import MultiStageInfluence, SingleStageInfluence
@@ -65,6 +65,8 @@ class Influence(Stage):
         tasks = ctx.tasks(cfg)
         check_target(cfg.target, target_set(cfg, tasks))
         select_rows(cfg.score.indices, len(tasks.pretrain.train))
+        if cfg.get("embedding_params") is not None and not is_single_stage(cfg):
+            check_embedding_params(cfg, tasks)
 
     def upstream(self, cfg: DictConfig, ctx: Context) -> Upstream:
         if is_single_stage(cfg):  # classic one-model influence on the pretrained network: no finetune stage
@@ -104,6 +106,12 @@ class Influence(Stage):
                 "statistics frozen, dropout off), the function whose Hessian msif computes"
             )
         msi = build_influence(cfg, up, ctx)
+        if not single and msi.held_fixed:
+            say(
+                f"influence: tracking {msi.parameter_counts()['W']:,} embedding parameters (embedding_params="
+                f"{to_plain(cfg.embedding_params)}); {len(msi.held_fixed)} parameter tensors of the embedding are held "
+                "fixed, an approximation: their part of each example's influence is left out"
+            )
         partial = folder.path / "partial"  # solved vectors and score parts of an unfinished run
         if cfg.force and distributed.is_main():
             shutil.rmtree(partial, ignore_errors=True)  # force: nothing of an earlier attempt is reused
@@ -143,6 +151,7 @@ class Influence(Stage):
                 "test_indices": targets.tolist() if len(targets) <= 1000 else None,
             },
             "parameters": msi.parameter_counts(),
+            "embedding_held_fixed": None if single else (list(msi.held_fixed) or None),
             "hessian_sample": {"pretrain": len(msi.hessian_index), "finetune": None if single else msi.H_F.n},
             "seconds": {k: round(v, 3) for k, v in msi.trace.seconds.items()}
             | {"total": round(time.perf_counter() - start, 3)},
@@ -271,8 +280,26 @@ def build_influence(cfg: DictConfig, up: Upstream, ctx: Context) -> MultiStageIn
         finetune_hessian_sample=cfg.hessian.finetune_sample,
         pretrain_cache_dir=curvature(up.pre),
         finetune_cache_dir=curvature(up.fin),
+        embedding_params=to_plain(cfg.get("embedding_params")),
         **common,
     )
+
+
+def check_embedding_params(cfg: DictConfig, tasks) -> None:
+    """The globs of `embedding_params` name parameters of the configured network's embedding (checked on an
+    untrained copy, before any training)."""
+    from msif.influence.params import partition
+    from msif.models import build_pretrain_net
+
+    with torch.random.fork_rng():  # building seeds torch's generator; leave the caller's as it was
+        net = build_pretrain_net(cfg.model, tasks.input_shape, tasks.pretrain.num_classes, cfg.seed)
+    try:
+        partition(net, None, to_plain(cfg.embedding_params), "pretrain network")
+    except MsifError as err:
+        raise MsifError(
+            f"embedding_params={to_plain(cfg.embedding_params)} does not fit model={cfg.model.name}: {err.what}",
+            err.fix,
+        ) from None
 
 
 def curvature(trained: Trained) -> Path:
