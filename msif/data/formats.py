@@ -318,13 +318,26 @@ def read_arrays(entry: Any, where: str) -> tuple[Any, torch.Tensor, list[str] | 
 
 
 def content_key(entry: Any) -> str:
-    """A hash of the content of a split's array files (read once per command, in 1 MiB blocks)."""
-    paths = [entry["x"], entry["y"]] if isinstance(entry, dict) else [entry]
-    key = hashlib.sha256()
-    for p in paths:
-        path = _path(p)
-        if not path.is_file():
-            key.update(b"missing")
-            continue
-        update_with_file(key, path)
-    return key.hexdigest()
+    """A hash of the content of a split's array files, read in 1 MiB blocks — once per process while the files keep
+    their sizes and modification times (a command computes its stages' signatures several times)."""
+    paths = [_path(p) for p in ([entry["x"], entry["y"]] if isinstance(entry, dict) else [entry])]
+    stamp = tuple(_stamp(p) for p in paths)
+    if stamp not in _CONTENT_KEYS:
+        key = hashlib.sha256()
+        for path in paths:
+            if not path.is_file():
+                key.update(b"missing")
+                continue
+            update_with_file(key, path)
+        _CONTENT_KEYS[stamp] = key.hexdigest()
+    return _CONTENT_KEYS[stamp]
+
+
+_CONTENT_KEYS: dict[tuple, str] = {}
+
+
+def _stamp(path: Path) -> tuple:
+    if not path.is_file():
+        return (str(path), None)
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
