@@ -165,6 +165,7 @@ def test_msif_cleanse_command(env, prebuilt):
     refused(msif(["cleanse", "dataset=tiny", "cleanse.fraction=0"]), "cleanse.fraction")
 
 
+@pytest.mark.slow
 def test_retrains_spread_over_worker_processes_give_the_same_table(env, prebuilt):
     """cleanse.workers=2 runs the retrains in two spawned processes; with the same threads per retrain the table is
     the one a single process makes (only the seconds differ)."""

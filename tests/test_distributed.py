@@ -35,10 +35,12 @@ def table(root: Path) -> tuple[pd.DataFrame, dict]:
         ["dataset=digits", "dtype=float64", "case=fixed", "score.part_rows=100"],
         # the solves stop at a relative residual of solver.*.tol, so equality to 1e-6 needs a tol well below it:
         # summing the Hessian in another order moves where CG stops by about the tolerance
-        ["dataset=digits", "dtype=float64", "case=updated", "score.part_rows=100", *TIGHT],
+        pytest.param(
+            ["dataset=digits", "dtype=float64", "case=updated", "score.part_rows=100", *TIGHT], marks=pytest.mark.slow
+        ),
         ["dataset=tiny", "dtype=float64", "target.per_test=true", "target.kind=indices", "target.indices=[1,4,9]"]
         + ["target.chunk=2"],
-        ["dataset=tiny", "mode=single_stage", "score.part_rows=50"],
+        pytest.param(["dataset=tiny", "mode=single_stage", "score.part_rows=50"], marks=pytest.mark.slow),
     ],
     ids=["digits-fixed", "digits-updated", "tiny-per-test", "tiny-single-stage"],
 )

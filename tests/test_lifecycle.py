@@ -157,6 +157,7 @@ def test_a_stage_that_fails_releases_its_folder(tmp_path):
     assert not (stage.folder(cfg, None).path / LOCK).exists()
 
 
+@pytest.mark.slow
 def test_two_identical_commands_started_together_train_once_and_both_end_cleanly(tmp_path):
     import os
     import subprocess

@@ -140,6 +140,7 @@ def test_an_interrupted_run_resumes_and_ends_with_the_same_table(env, tmp_path, 
     pd.testing.assert_frame_equal(resumed.drop(columns=drop), full.drop(columns=drop), check_exact=True)
 
 
+@pytest.mark.slow
 def test_results_do_not_depend_on_the_number_of_workers(env, tmp_path, prebuilt):
     prebuilt("influence", FAST, config="validate-loo")
     # the same upstream runs in both output roots; the retrains are made afresh in each
