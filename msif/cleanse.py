@@ -154,11 +154,9 @@ def _stat(v: np.ndarray, stat: str) -> float:
 def write_removed(file: Path, harmful: np.ndarray, randoms: dict, pre_set, scores: pd.DataFrame) -> None:
     """removed.csv: every removed row (harmful, and the random control per seed) with its label and score."""
     score = scores.set_index("index")["score"]
-    names = np.array(pre_set.class_names)
     parts = [("harmful", None, harmful)] + [("random", s, r) for s, r in randoms.items()]
     frames = []
     for cond, seed, rows in parts:
-        labels = pre_set.y[rows].numpy()
         frames.append(
             pd.DataFrame(
                 {
@@ -166,8 +164,8 @@ def write_removed(file: Path, harmful: np.ndarray, randoms: dict, pre_set, score
                     "seed": pd.array([seed] * len(rows), dtype="Int64"),
                     "index": rows,
                     "source_index": pre_set.source_index[rows].numpy(),
-                    "label": labels,
-                    "class_name": names[labels],
+                    "label": pre_set.labels(rows),
+                    "class_name": pre_set.label_names(rows).astype(str),
                     "score": score.loc[rows].to_numpy(),
                 }
             )

@@ -106,7 +106,7 @@ def code_fingerprint(model: DictConfig) -> dict[str, str]:
     import inspect
 
     out = {}
-    for part in ("embedding", "head"):
+    for part in ("embedding", "head", "pretrain_head", "finetune_head"):
         target = str(model[part].get("_target_", "")) if model.get(part) else ""
         if not target or target.startswith(("msif.", "torch.", "torchvision.")):
             continue

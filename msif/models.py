@@ -190,6 +190,78 @@ class MLPHead(nn.Sequential):
         super().__init__(*mods)
 
 
+class LSTMEmbedding(nn.Module):
+    """Text: token ids (b, L) -> token embedding -> LSTM, the hidden state at every position, followed by the
+    position's token mask as one more feature (1 for a token, 0 for padding): (b, L, hidden + 1). The LSTM reads left
+    to right, so the state at t has seen tokens ≤ t and predicts token t + 1 (a language model's features); a
+    classifier head pools the states of the tokens (the mask says which)."""
+
+    def __init__(self, in_shape, vocab_size: int, dim: int = 128, hidden: int = 128, layers: int = 1):
+        super().__init__()
+        self.tokens = nn.Embedding(int(vocab_size), int(dim), padding_idx=0)
+        # the LSTM cell written out (nn.LSTM's fused kernel has no forward-mode derivative, which scoring uses)
+        self.cells = nn.ModuleList(
+            [nn.Linear(int(dim) if i == 0 else int(hidden), 4 * int(hidden)) for i in range(int(layers))]
+        )
+        self.recurrent = nn.ModuleList(
+            [nn.Linear(int(hidden), 4 * int(hidden), bias=False) for _ in range(int(layers))]
+        )
+        self.hidden = int(hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = x.long()
+        seq = self.tokens(ids)
+        for cell, recurrent in zip(self.cells, self.recurrent, strict=True):
+            inputs = cell(seq)  # (b, L, 4H): the input part of every gate at every position, at once
+            h = seq.new_zeros(len(ids), self.hidden)
+            c = seq.new_zeros(len(ids), self.hidden)
+            states = []
+            for t in range(ids.shape[1]):
+                i, f, g, o = (inputs[:, t] + recurrent(h)).chunk(4, dim=1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                states.append(h)
+            seq = torch.stack(states, 1)
+        mask = (ids != 0).to(seq.dtype).unsqueeze(-1)
+        return torch.cat([seq * mask, mask], -1)
+
+
+class TokenHead(nn.Module):
+    """A language model's output layer U: the logits of the next token at every position, (b, L, V), from the
+    flattened (b, L·(hidden + 1)) features of an LSTMEmbedding (its mask feature unused)."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int):
+        super().__init__()
+        self.width = int(hidden) + 1
+        self.out = nn.Linear(int(hidden), int(num_classes))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        states = features.view(len(features), -1, self.width)[..., :-1]
+        return self.out(states)
+
+
+class PooledHead(nn.Module):
+    """A sentence classifier Θ: the mean of the token states (padding excluded), then fully connected layers
+    (`fc` widths, ReLU) to the logits (b, num_classes); the paper's NLP head is fc=[64]."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int, fc=(64,)):
+        super().__init__()
+        self.width = int(hidden) + 1
+        layers: list[nn.Module] = []
+        width = int(hidden)
+        for h in fc:
+            layers += [nn.Linear(width, int(h)), nn.ReLU()]
+            width = int(h)
+        layers.append(nn.Linear(width, int(num_classes)))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        f = features.view(len(features), -1, self.width)
+        states, mask = f[..., :-1], f[..., -1:]
+        pooled = states.sum(1) / mask.sum(1).clamp_min(1.0)
+        return self.mlp(pooled)
+
+
 class TwoStageNet(nn.Module):
     """`head(embedding(x))`. The embedding's parameters are W; the head's are U (pretrain) or Θ (finetune)."""
 
@@ -218,8 +290,11 @@ def feature_dim(embedding: nn.Module, input_shape: tuple[int, ...]) -> int:
     return int(out.flatten(1).shape[1])
 
 
-def build_head(model: DictConfig, in_features: int, num_classes: int) -> nn.Module:
-    return _instantiate(model.head, "model.head", in_features=in_features, num_classes=num_classes).eval()
+def build_head(model: DictConfig, in_features: int, num_classes: int, stage: str | None = None) -> nn.Module:
+    """The stage's head: `model.<stage>_head` when the model has one (a language model's output layer, a sentence
+    classifier), else `model.head` for both."""
+    key = f"{stage}_head" if stage and model.get(f"{stage}_head") is not None else "head"
+    return _instantiate(model[key], f"model.{key}", in_features=in_features, num_classes=num_classes).eval()
 
 
 def build_pretrain_net(
@@ -228,7 +303,7 @@ def build_pretrain_net(
     """Embedding W and pretrain head U, initialised from `seed`."""
     torch.manual_seed(seed)
     embedding = build_embedding(model, input_shape).to(dtype)
-    head = build_head(model, feature_dim(embedding, input_shape), num_classes).to(dtype)
+    head = build_head(model, feature_dim(embedding, input_shape), num_classes, "pretrain").to(dtype)
     return TwoStageNet(embedding, head).eval()
 
 
@@ -242,7 +317,7 @@ def build_finetune_net(
 ) -> TwoStageNet:
     """The given (pretrained) embedding W with a new finetune head Θ initialised from `seed`."""
     torch.manual_seed(seed + 1)  # a different stream from the pretrain initialisation
-    head = build_head(model, feature_dim(embedding, input_shape), num_classes).to(dtype)
+    head = build_head(model, feature_dim(embedding, input_shape), num_classes, "finetune").to(dtype)
     return TwoStageNet(embedding, head).eval()
 
 

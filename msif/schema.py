@@ -92,6 +92,12 @@ class InfluenceDefaults:
 
 
 @dataclass
+class TextOptions:
+    vocab_size: int = at_least(5, 10000)  # tokens, the 4 special ones included
+    max_len: int = at_least(1, 32)  # words kept per sentence (then </s>); longer sentences are cut
+
+
+@dataclass
 class Dataset:
     name: str = ""
     source: Any = ""  # a built-in name or a mapping with a kind (msif.data.sources)
@@ -102,13 +108,16 @@ class Dataset:
     pretrain: PretrainData = field(default_factory=PretrainData)
     finetune: FinetuneData = field(default_factory=FinetuneData)
     influence: InfluenceDefaults = field(default_factory=InfluenceDefaults)
+    text: TextOptions | None = None  # text sources: the vocabulary and sentence length
 
 
 @dataclass
 class Model:
     name: str = ""
     embedding: dict[str, Any] = field(default_factory=dict)
-    head: dict[str, Any] = field(default_factory=dict)
+    head: dict[str, Any] | None = field(default_factory=dict)  # null when each stage names its own
+    pretrain_head: dict[str, Any] | None = None  # a head per stage (text: the language model's output layer)
+    finetune_head: dict[str, Any] | None = None
 
 
 @dataclass

@@ -26,14 +26,14 @@ def score_table(
     """The long table (README, "Score table"): scores (len(rows), K) of the pretraining `rows`; per-test columns when
     `targets` (the K test rows) is given."""
     m = len(pre_set)
-    names = np.array(pre_set.class_names)
-    labels = pre_set.y[rows].numpy()
     base = {
         "index": rows.numpy(),
         "source_index": pre_set.source_index[rows].numpy(),
-        "label": labels,
-        "class_name": names[labels],
+        "label": pre_set.labels(rows),
+        "class_name": pre_set.label_names(rows).astype(str),
     }
+    if pre_set.texts is not None:  # text: each pretraining sentence, and the test sentence of per-test rows
+        base["text"] = np.array(pre_set.texts, dtype=object)[rows.numpy()]
     frames = []
     for k in range(scores.shape[1]):
         s = scores[:, k].double().numpy()
@@ -45,6 +45,8 @@ def score_table(
             f.insert(2, "test_label", int(test.y[t]))
             f.insert(3, "test_class_name", test.class_names[int(test.y[t])])
             f.insert(4, "test_prediction", test.class_names[int(pred[t])])
+            if test.texts is not None:
+                f.insert(5, "test_text", test.texts[t])
         f["score"] = s
         f["predicted_removal_effect"] = -s / m
         f["rank"] = pd.Series(s).rank(ascending=False, method="first").astype(int).to_numpy()

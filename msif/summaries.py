@@ -12,17 +12,81 @@ CLEANSE_LABELS = {"none": "no removal", "harmful": "most harmful removed", "rand
 
 def trained_table(stage: str, metrics: dict) -> Table:
     """Loss and accuracy of a trained network on its train and test splits, and its parameter counts."""
+    lm = "perplexity" in metrics["test"]  # a language model: next-token accuracy and the perplexity per token
     rows = [
         [split, metrics[split]["n"], metrics[split]["loss"], f"{100 * metrics[split]['accuracy']:.2f}%"]
+        + ([f"{metrics[split]['perplexity']:.1f}"] if lm else [])
         for split in ("train", "test")
     ]
     fit = metrics["fit"]
     params = ", ".join(f"|{k.replace('Theta', 'Θ')}| = {v:,}" for k, v in metrics["parameters"].items())
     how = "imported weights" if "imported" in fit else f"{fit['steps']} steps, {fit['seconds']:.1f} s"
-    t = table(f"{stage}: {how}", ["split", "examples", "mean loss", "accuracy"], rows)
+    columns = ["split", "examples", "mean loss", "next-token accuracy" if lm else "accuracy"]
+    t = table(f"{stage}: {how}", columns + (["perplexity"] if lm else []), rows)
     origin = f"\nfrom {fit['imported']}" if "imported" in fit else ""
+    if metrics.get("unigram_test_perplexity"):
+        origin += f"\nunigram baseline: test perplexity {metrics['unigram_test_perplexity']:.1f}"
+    if metrics.get("random_embedding"):
+        r = metrics["random_embedding"]
+        origin += (
+            f"\nthe same head on a random, untrained W: test accuracy {100 * r['test_accuracy']:.2f}% "
+            f"(majority class {100 * r['majority']:.2f}%)"
+        )
     t.caption, t.caption_justify = f"parameters: {params}{origin}", "left"
     return t
+
+
+def table1_rows(frame: pd.DataFrame, k: int) -> list[dict]:
+    """The paper's Table 1 for text: per test sentence (one target T when the scores are summed), the k pretraining
+    sentences with the largest |I| and the k with the smallest, with their scores."""
+    out = []
+    groups = frame.groupby("test_index", sort=False) if "test_index" in frame else [(None, frame)]
+    for t, f in groups:
+        order = f.assign(magnitude=f["score"].abs()).sort_values("magnitude", ascending=False)
+        for which, part in (("largest |I|", order.head(k)), ("smallest |I|", order.tail(k)[::-1])):
+            for r in part.itertuples():
+                out.append(
+                    {
+                        "test_index": None if t is None else int(t),
+                        "test_text": getattr(r, "test_text", None),
+                        "test_label": getattr(r, "test_class_name", None),
+                        "which": which,
+                        "index": int(r.index),
+                        "score": float(r.score),
+                        "text": r.text,
+                    }
+                )
+    return out
+
+
+def table1_markdown(rows: list[dict], title: str) -> str:
+    """Table 1 as markdown: a section per test sentence, its largest- and smallest-|I| pretraining sentences."""
+    lines = [f"# {title}", ""]
+    for t in dict.fromkeys(r["test_index"] for r in rows):
+        mine = [r for r in rows if r["test_index"] == t]
+        head = mine[0]
+        if t is None:
+            lines.append("## T = the whole test set (summed)")
+        else:
+            lines.append(f"## test sentence #{t} ({head['test_label']}): {head['test_text']}")
+        lines += ["", "| | pretraining sentence | index | I |", "|---|---|---:|---:|"]
+        for r in mine:
+            text = str(r["text"]).replace("|", "\\|")
+            lines.append(f"| {r['which']} | {text} | {r['index']} | {r['score']:.4g} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def table1_table(rows: list[dict], k: int) -> Table:
+    """The first test sentence's part of Table 1, for the console."""
+    t = rows[0]["test_index"]
+    mine = [r for r in rows if r["test_index"] == t]
+    what = "T" if t is None else f"test sentence #{t}: {str(mine[0]['test_text'])[:80]}"
+    return table(
+        f"Table 1: the pretraining sentences with the largest and smallest |I| ({what})",
+        ["", "index", "I", "pretraining sentence"],
+        [[r["which"], r["index"], r["score"], str(r["text"])[:90]] for r in mine],
+    )
 
 
 def influence_tables(frame: pd.DataFrame, summary: dict, top_k: int) -> list[Table]:

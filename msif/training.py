@@ -19,7 +19,7 @@ from torch import nn
 
 from msif.data import Examples, Tasks
 from msif.errors import MsifError
-from msif.influence.params import embed
+from msif.influence.params import IGNORE, embed, example_losses
 from msif.models import build_finetune_net, build_pretrain_net
 from msif.progress import progress
 
@@ -152,9 +152,9 @@ def fit(
                 if len(idx) == 0:
                     continue
                 if hit and removal == "zero_weight":  # the sum over the others, still divided by the whole batch
-                    loss = F.cross_entropy(model(x[idx]), y[idx], reduction="sum") / b
+                    loss = batch_loss(model(x[idx]), y[idx], "sum") / b
                 else:  # the mean (a batch without z: bit for bit the reference's step)
-                    loss = F.cross_entropy(model(x[idx]), y[idx])
+                    loss = batch_loss(model(x[idx]), y[idx], "mean")
                 if penalty is not None:
                     loss = loss + penalty()
                 opt.zero_grad(set_to_none=True)
@@ -276,19 +276,43 @@ def finetune_from(cfg: DictConfig, tasks: Tasks, embedding, seed: int, device, d
     return net, train_finetune_net(net, cfg, x, y, seed, show_progress=show_progress)
 
 
+def batch_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The sum or mean over a batch of the per-example losses (msif.influence.params.example_losses); class logits
+    go through F.cross_entropy's own reduction, as they always have (bit for bit the same steps)."""
+    if logits.dim() == 2:
+        return F.cross_entropy(logits, y, reduction=reduction)
+    each = example_losses(logits, y)
+    return each.sum() if reduction == "sum" else each.mean()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Examples | tuple[torch.Tensor, torch.Tensor], batch_size: int) -> dict:
     """Mean cross-entropy and accuracy of `model` on `data`, in eval mode (running statistics, no dropout); the
     model is left in the mode it came in."""
     x, y = (data.x, data.y) if isinstance(data, Examples) else data
     total, correct = 0.0, 0
+    token_loss, tokens = 0.0, 0
     was_training = model.training
     model.eval()
     for i in range(0, len(y), batch_size):
-        logits = model(x[i : i + batch_size])
-        total += F.cross_entropy(logits, y[i : i + batch_size], reduction="sum").item()
-        correct += (logits.argmax(1) == y[i : i + batch_size]).sum().item()
+        logits, target = model(x[i : i + batch_size]), y[i : i + batch_size]
+        total += batch_loss(logits, target, "sum").item()
+        if logits.dim() == 2:
+            correct += (logits.argmax(1) == target).sum().item()
+        else:  # a language model: next-token accuracy and the loss per token, for the perplexity
+            kept = target != IGNORE
+            correct += (logits.argmax(-1) == target)[kept].sum().item()
+            token_loss += F.cross_entropy(logits[kept], target[kept], reduction="sum").item()
+            tokens += int(kept.sum())
     model.train(was_training)
+    if tokens:
+        return {
+            "loss": total / len(y),
+            "accuracy": correct / tokens,
+            "perplexity": math.exp(token_loss / tokens),
+            "tokens": tokens,
+            "n": len(y),
+        }
     return {"loss": total / len(y), "accuracy": correct / len(y), "n": len(y)}
 
 

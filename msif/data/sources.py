@@ -7,6 +7,8 @@ A source is named per stage (`dataset.pretrain.source`, `dataset.finetune.source
     source: {kind: image_folder, root: ~/data/pets, resize: 32, crop: 32}
     source: {kind: torchvision, name: KMNIST, root: ~/data}
     source: {kind: arrays, train: train.npz, test: test.npz}
+    source: {kind: text, train: corpus.txt}                  # sentences, one per line: a language-model task
+    source: {kind: labelled_text, train: reviews.tsv}        # label<TAB>text lines: a classification task
 
 `load_source` returns whole train and test splits with class names; images are kept as uint8 (N, C, H, W) plus a
 scale to [0, 1], and tasks.py selects, scales and normalises rows. `fingerprint` identifies the data a spec reads
@@ -54,13 +56,15 @@ class Source:
     y_test: torch.Tensor
     scale: float = 1.0
     normalize: tuple[list[float], list[float]] | None = None
+    text: bool = False  # x_* are lists of sentences (tasks.py encodes them with the pretraining vocabulary)
+    language_model: bool = False  # unlabelled sentences: the task is next-token prediction
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
+        return () if self.text else tuple(self.x_train.shape[1:])
 
 
-BUILTIN = ("digits", "tiny", "mnist", "cifar10")
+BUILTIN = ("digits", "tiny", "mnist", "cifar10", "tiny_corpus", "tiny_reviews")
 REQUIRED = object()
 SOURCE_KINDS: dict[str, dict[str, Any]] = {  # each kind's options and their defaults
     "image_folder": {"root": REQUIRED, "train": "train", "test": "test", "classes": None, "channels": 3,
@@ -68,6 +72,8 @@ SOURCE_KINDS: dict[str, dict[str, Any]] = {  # each kind's options and their def
     "torchvision": {"name": REQUIRED, "root": REQUIRED, "download": False, "args": {}, "channels": None,
                     "resize": None, "crop": None, "normalize": "auto"},
     "arrays": {"train": REQUIRED, "test": REQUIRED, "classes": None, "scale": None, "normalize": "auto"},
+    "text": {"train": REQUIRED, "test": None, "test_fraction": 0.05, "split_seed": 0},
+    "labelled_text": {"train": REQUIRED, "test": None, "test_fraction": 0.25, "split_seed": 0, "classes": None},
 }  # fmt: skip
 PATH_KEYS = ("root", "train", "test")  # where the data are, not what they are: the fingerprint covers them
 
@@ -124,6 +130,8 @@ _EXAMPLES = {
     "image_folder": "e.g. {kind: image_folder, root: ~/data/pets} for ~/data/pets/{train,test}/<class>/*.png.",
     "torchvision": "e.g. {kind: torchvision, name: KMNIST, root: ~/data}.",
     "arrays": "e.g. {kind: arrays, train: train.npz, test: test.npz}, each holding x and y.",
+    "text": "e.g. {kind: text, train: corpus.txt}, one sentence per line (a test file, or test_fraction).",
+    "labelled_text": "e.g. {kind: labelled_text, train: reviews.tsv}, one label<TAB>text per line.",
 }
 
 
@@ -163,9 +171,15 @@ def load_source(spec: Any, cache_dir: str | None = None) -> Source:
         "image_folder": _load_image_folder,
         "torchvision": _load_torchvision,
         "arrays": _load_arrays,
+        "text": _load_text,
+        "labelled_text": _load_text,
+        "tiny_corpus": _load_tiny_text,
+        "tiny_reviews": _load_tiny_text,
     }
     source = loaders[spec["kind"]](spec, cache_dir)
     norm = spec.get("normalize")
+    if source.text:
+        return source
     if norm == "auto":
         source.normalize = channel_statistics(source.x_train, source.scale)
     elif norm is not None:
@@ -404,6 +418,94 @@ def _load_torchvision(spec: dict, cache_dir: str | None) -> Source:
     return Source(str(spec["name"]), names, x_tr, y_tr, x_te, y_te, scale=scale)
 
 
+TINY_WORDS = {
+    "noun": ["film", "story", "actor", "plot", "music", "scene", "ending", "cast", "script", "camera"],
+    "verb": ["was", "felt", "seemed", "looked", "became", "stayed"],
+    "adverb": ["very", "quite", "truly", "rather", "so", "really"],
+    "good": ["good", "great", "fine", "lovely", "superb", "moving", "funny", "clever"],
+    "bad": ["bad", "dull", "awful", "weak", "boring", "silly", "flat", "tired"],
+    "filler": ["and", "but", "then", "the", "a", "of", "in", "with", "this", "that"],
+}
+
+
+def _load_tiny_text(spec: dict, cache_dir: str | None) -> Source:
+    """Generated sentences (no files): `tiny_corpus`, 480 unlabelled sentences of a small grammar (a language model's
+    corpus), or `tiny_reviews`, 240 + 120 reviews whose adjectives say their polarity. For tests and a first run."""
+    rng = np.random.default_rng(7 if spec["kind"] == "tiny_corpus" else 11)
+    w = TINY_WORDS
+
+    def pick(key: str) -> str:
+        return str(rng.choice(w[key]))
+
+    def sentence(polarity: str | None) -> str:
+        tone = polarity or str(rng.choice(["good", "bad"]))
+        words = ["the", pick("noun"), pick("verb"), pick("adverb"), pick(tone)]
+        if rng.random() < 0.6:
+            words += [pick("filler"), "the", pick("noun"), pick("verb"), pick(tone)]
+        return " ".join(words) + " ."
+
+    if spec["kind"] == "tiny_corpus":
+        rows = [sentence(None) for _ in range(480)]
+        train, test = rows[:400], rows[400:]
+        zeros = torch.zeros
+        return Source("tiny_corpus", ["sentence"], train, zeros(400, dtype=torch.long), test,
+                      zeros(80, dtype=torch.long), text=True, language_model=True)  # fmt: skip
+    labels = rng.integers(0, 2, 360)
+    rows = [sentence("good" if y else "bad") for y in labels]
+    y = torch.as_tensor(labels, dtype=torch.long)
+    return Source("tiny_reviews", ["negative", "positive"], rows[:240], y[:240], rows[240:], y[240:], text=True)
+
+
+def _load_text(spec: dict, cache_dir: str | None) -> Source:
+    """Sentences (kind text: a language-model task) or labelled sentences (labelled_text), train and test; without
+    a test file, a seeded test_fraction of the train file."""
+    from msif.data import text
+
+    labelled = spec["kind"] == "labelled_text"
+
+    def read(path) -> list[tuple[str, str]]:
+        path = Path(os.path.expanduser(str(path)))
+        return text.read_labelled(path) if labelled else [("", s) for s in text.read_sentences(path)]
+
+    train = read(spec["train"])
+    if spec.get("test"):
+        test = read(spec["test"])
+    else:
+        fraction = float(spec["test_fraction"])
+        if not 0 < fraction < 1:
+            raise MsifError(f"{spec.get('where')}.test_fraction={fraction}: use a share in (0, 1), e.g. 0.1.", None)
+        gen = torch.Generator().manual_seed(int(spec["split_seed"]))
+        order = torch.randperm(len(train), generator=gen).tolist()
+        cut = max(1, int(round(fraction * len(train))))
+        held = set(order[:cut])
+        test = [row for i, row in enumerate(train) if i in held]
+        train = [row for i, row in enumerate(train) if i not in held]
+    if labelled:
+        names = [str(c) for c in (spec.get("classes") or sorted({label for label, _ in train}))]
+        index = {c: i for i, c in enumerate(names)}
+        unknown = sorted({label for label, _ in [*train, *test]} - set(index))
+        if unknown:
+            raise MsifError(
+                f"{spec.get('where')}: the labels {unknown[:5]} are not among the classes {names}.",
+                "List every label in the source's classes, or leave classes null (the labels of the train file).",
+            )
+        y_tr = torch.tensor([index[label] for label, _ in train], dtype=torch.long)
+        y_te = torch.tensor([index[label] for label, _ in test], dtype=torch.long)
+    else:
+        names = ["sentence"]
+        y_tr, y_te = torch.zeros(len(train), dtype=torch.long), torch.zeros(len(test), dtype=torch.long)
+    return Source(
+        Path(str(spec["train"])).stem,
+        names,
+        [s for _, s in train],
+        y_tr,
+        [s for _, s in test],
+        y_te,
+        text=True,
+        language_model=not labelled,
+    )
+
+
 def _load_arrays(spec: dict, cache_dir: str | None) -> Source:
     """x and y per split from .npz / .pt / .npy files; class names from the spec, the files, or 0..k-1."""
     where = spec.get("where", "dataset.source")
@@ -457,14 +559,13 @@ def fingerprint(spec: dict) -> str:
     times of its files (image folders, MNIST, CIFAR-10, torchvision roots), the content of array files, the embedded
     digits' content; "generated" for `tiny`, whose config is its data. Cheap enough to run on every command."""
     kind = spec["kind"]
-    if kind == "tiny":
+    if kind in ("tiny", "tiny_corpus", "tiny_reviews"):
         return "generated"
     if kind == "digits":
         return hashlib.sha256(DIGITS_FILE.read_bytes()).hexdigest()[:16]
-    if kind == "arrays":
-        return hashlib.sha256("".join(formats.content_key(spec[s]) for s in ("train", "test")).encode()).hexdigest()[
-            :16
-        ]
+    if kind in ("arrays", "text", "labelled_text"):
+        splits = [spec[s] for s in ("train", "test") if spec.get(s)]
+        return hashlib.sha256("".join(formats.content_key(p) for p in splits).encode()).hexdigest()[:16]
     root = Path(os.path.expanduser(str(spec.get("root") or "")))
     if kind == "mnist":
         folders = [root / "MNIST" / "raw"]

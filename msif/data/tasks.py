@@ -28,12 +28,34 @@ class Examples:
     class_names: list[str]  # class_names[y] is the name of label y
     flipped: torch.Tensor | None = None  # rows whose label was deliberately changed (planted faults), sorted
     true_y: torch.Tensor | None = None  # the labels before they were changed, when any were
+    texts: list[str] | None = None  # text: each row's sentence (x holds its token ids)
 
     def __len__(self) -> int:
         return len(self.y)
 
+    @property
+    def language_model(self) -> bool:
+        """Next-token prediction: y holds each position's target token (one row of targets per example)."""
+        return self.y.dim() == 2
+
+    def label_names(self, rows=None) -> np.ndarray:
+        """The class name of each row (`rows`: all when None); a language-model set's rows are all "sentence"."""
+        n = len(self) if rows is None else len(rows)
+        if self.language_model:
+            return np.full(n, "sentence", dtype=object)
+        labels = self.y if rows is None else self.y[torch.as_tensor(rows)]
+        return np.array(self.class_names, dtype=object)[labels.numpy()]
+
+    def labels(self, rows=None) -> np.ndarray:
+        """Each row's label (−1 for a language-model set, which has none)."""
+        n = len(self) if rows is None else len(rows)
+        if self.language_model:
+            return np.full(n, -1)
+        return (self.y if rows is None else self.y[torch.as_tensor(rows)]).numpy()
+
     def to(self, dtype: torch.dtype) -> Examples:
-        return Examples(self.x.to(dtype), self.y, self.source_index, self.class_names, self.flipped, self.true_y)
+        x = self.x.to(dtype) if self.x.is_floating_point() else self.x  # token ids stay integers
+        return Examples(x, self.y, self.source_index, self.class_names, self.flipped, self.true_y, self.texts)
 
 
 @dataclass
@@ -52,6 +74,7 @@ class Tasks:
     finetune: Task
     input_shape: tuple[int, ...]
     source: str
+    vocabulary: list[str] | None = None  # text: the tokens, built from the pretraining sentences
 
 
 def build_tasks(ds: DictConfig, cache_dir: str | None = None, dtype: torch.dtype = torch.float32) -> Tasks:
@@ -61,6 +84,8 @@ def build_tasks(ds: DictConfig, cache_dir: str | None = None, dtype: torch.dtype
     sources = {"pretrain": load_source(specs["pretrain"], cache_dir)}
     same = _identity(specs["finetune"]) == _identity(specs["pretrain"])
     sources["finetune"] = sources["pretrain"] if same else load_source(specs["finetune"], cache_dir)
+    if sources["pretrain"].text or sources["finetune"].text:
+        return _text_tasks(ds, sources, same)
     shapes = {stage: s.input_shape for stage, s in sources.items()}
     if shapes["pretrain"] != shapes["finetune"]:
         raise MsifError(
@@ -103,7 +128,9 @@ def flip_labels(examples: Examples, fraction: float, seed: int) -> Examples:
     shift = torch.randint(1, k, (count,), generator=gen)
     y = examples.y.clone()
     y[rows] = (examples.y[rows] + shift) % k
-    return Examples(examples.x, y, examples.source_index, examples.class_names, rows, examples.y.clone())
+    return Examples(
+        examples.x, y, examples.source_index, examples.class_names, rows, examples.y.clone(), examples.texts
+    )
 
 
 def resolve_classes(spec, class_names: list[str], where: str) -> list[int]:
@@ -169,6 +196,74 @@ def _select(source: Source, split: str, classes: list[int], n: int | None, seed:
         view = (1, -1) + (1,) * (x.dim() - 2)
         x = (x - mean.view(view)) / std.view(view)
     return Examples(x.contiguous(), relabel[y_all[idx]], idx, [source.class_names[c] for c in classes])
+
+
+def _text_tasks(ds: DictConfig, sources: dict[str, Source], same: bool) -> Tasks:
+    """Both stages from text sources, encoded with one vocabulary built from the pretraining sentences."""
+    from msif.data import text
+
+    pre, fin = sources["pretrain"], sources["finetune"]
+    if not (pre.text and fin.text):
+        raise MsifError(
+            "One stage reads text and the other images or arrays: one network cannot take both.",
+            "Give both stages text sources (kind text or labelled_text).",
+        )
+    options = ds.get("text") or {}
+    size, max_len = int(options.get("vocab_size", 10000)), int(options.get("max_len", 32))
+    vocabulary = text.build_vocabulary(pre.x_train, size)
+    seed = int(ds.finetune.get("subsample_seed", 0))
+
+    def cut(source: Source, stage: str, split: str, n, key: str) -> Examples:
+        sentences, y_all = (source.x_train, source.y_train) if split == "train" else (source.x_test, source.y_test)
+        if source.language_model:
+            if ds[stage].get("classes") is not None:
+                raise MsifError(
+                    f"dataset.{stage}.classes is set, but the {stage} source is unlabelled text (a language model).",
+                    f"Set dataset.{stage}.classes=null.",
+                )
+            idx = torch.arange(len(sentences))
+            names = vocabulary
+        else:
+            classes = resolve_classes(ds[stage].get("classes"), source.class_names, f"dataset.{stage}.classes")
+            relabel = torch.full((len(source.class_names),), -1, dtype=torch.long)
+            relabel[torch.tensor(classes)] = torch.arange(len(classes))
+            idx = torch.nonzero(relabel[y_all] >= 0).flatten()
+            names = [source.class_names[c] for c in classes]
+        if n is not None:
+            if not isinstance(n, int) or n < 1 or n > len(idx):
+                raise MsifError(
+                    f"{key}={n!r}: the {split} split has {len(idx)} sentences for this selection.",
+                    f"Use a positive {key} of at most {len(idx)}, or null for all of them.",
+                )
+            gen = torch.Generator().manual_seed(seed)
+            idx = idx[torch.randperm(len(idx), generator=gen)[:n]].sort().values
+        chosen = [sentences[int(i)] for i in idx]
+        x = text.encode(chosen, vocabulary, max_len)
+        y = text.next_tokens(x) if source.language_model else relabel[y_all[idx]]
+        return Examples(x, y, idx, names, texts=chosen)
+
+    tasks = Tasks(
+        pretrain=Task(
+            cut(pre, "pretrain", "train", ds.pretrain.get("n_train"), "dataset.pretrain.n_train"),
+            cut(pre, "pretrain", "test", None, ""),
+        ),
+        finetune=Task(
+            cut(fin, "finetune", "train", ds.finetune.get("n_train"), "dataset.finetune.n_train"),
+            cut(fin, "finetune", "test", ds.finetune.get("n_test"), "dataset.finetune.n_test"),
+        ),
+        input_shape=(max_len + 2,),
+        source=pre.name if same else f"{pre.name} → {fin.name}",
+        vocabulary=vocabulary,
+    )
+    noise = ds.pretrain.get("label_noise")
+    if noise is not None and float(noise.fraction) > 0:
+        if tasks.pretrain.train.language_model:
+            raise MsifError(
+                "Planted label faults need labels; the pretraining set is unlabelled text (a language model).",
+                "Run planted-faults on a labelled pretraining set.",
+            )
+        tasks.pretrain.train = flip_labels(tasks.pretrain.train, float(noise.fraction), int(noise.seed))
+    return tasks
 
 
 def _identity(spec: dict) -> dict:

@@ -47,6 +47,7 @@ from msif.influence.multistage import (
 )
 from msif.influence.params import (
     DEFAULT_EMBEDDING,
+    IGNORE,
     Objective,
     ParamSpace,
     cross_entropy,
@@ -139,6 +140,9 @@ def _check_labels(net: nn.Module, x, y, what: str) -> None:
         )
     with torch.no_grad():
         k = int(net(x[:1]).shape[-1])
+    y = y[y != IGNORE]  # a sequence's positions without a target (a language model's padding)
+    if len(y) == 0:
+        return
     low, high = int(y.min()), int(y.max())
     if low < 0 or high >= k:
         raise MsifError(
@@ -384,7 +388,7 @@ def checked(batches, net: nn.Module, objective: Objective, what: str):
     k = None
     for b in batches:
         if objective is cross_entropy and isinstance(b, (tuple, list)):
-            y = b[1]
+            y = b[1][b[1] != IGNORE]
             if k is None:
                 x1 = take(b, slice(0, 1))[0].to(next(net.parameters()).device)
                 with torch.no_grad():

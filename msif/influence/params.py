@@ -38,10 +38,24 @@ class Objective(Protocol):
     def __call__(self, net: nn.Module, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor: ...
 
 
+IGNORE = -100  # a target position no loss is taken at (a language model's padding)
+
+
+def example_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The loss of each example, (b,): cross-entropy of class logits (b, C) against y (b,); for a sequence,
+    logits (b, L, V) against targets (b, L), the mean over the example's positions whose target is not IGNORE
+    (a language model's per-sentence mean token cross-entropy)."""
+    if logits.dim() == 2:
+        return F.cross_entropy(logits, y, reduction="none")
+    each = F.cross_entropy(logits.transpose(1, 2), y, reduction="none", ignore_index=IGNORE)
+    return each.sum(1) / (y != IGNORE).sum(1).clamp_min(1)
+
+
 def cross_entropy(net: nn.Module, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
-    """The default objective: cross-entropy of net(x) against the class indices y, for batches (x, y)."""
+    """The default objective: cross-entropy of net(x) against the class indices y, for batches (x, y); for a network
+    that predicts a sequence, the mean token cross-entropy of each example (`example_losses`)."""
     x, y = batch[0], batch[1]
-    return F.cross_entropy(functional_call(net, params, (x,)), y, reduction="none")
+    return example_losses(functional_call(net, params, (x,)), y)
 
 
 class ParamSpace:

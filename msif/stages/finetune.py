@@ -21,7 +21,7 @@ from msif.errors import MsifError
 from msif.lifecycle import Context, Stage, need, run
 from msif.models import build_finetune_net, count_parameters
 from msif.runs import RunFolder, Trained
-from msif.stages.pretrain import imported, load_trained, pretrained, save_trained
+from msif.stages.pretrain import imported, load_trained, pretrained, save_trained, what_is_learned
 from msif.training import evaluate, finetune_from, squared_distance
 
 
@@ -42,7 +42,7 @@ class Finetune(Stage):
         task, t, dev = tasks.finetune, cfg.train.finetune, ctx.device
         how = f"weights from {cfg.weights.finetune}" if cfg.weights.finetune else f"{t.steps} steps"
         say(
-            f"finetune ({cfg.case.name}): {cfg.dataset.name} classes {task.train.class_names}, n={len(task.train):,} "
+            f"finetune ({cfg.case.name}): {cfg.dataset.name} {what_is_learned(task.train)}, n={len(task.train):,} "
             f"examples, {how} on {dev}, from {pre.run.path}"
         )
         start = time.perf_counter()
@@ -79,6 +79,8 @@ class Finetune(Stage):
             "seconds": time.perf_counter() - start,
             "pretrain_run": str(pre.run.path),
         }
+        if task.train.texts is not None and not cfg.weights.finetune:
+            metrics["random_embedding"] = random_embedding_baseline(cfg, tasks, ctx)
         if cfg.case.name == "updated":
             with torch.no_grad():  # ‖W** − W*‖: how far finetuning moved the embedding
                 metrics["embedding_drift"] = float(squared_distance(net.embedding.parameters(), anchor).sqrt())
@@ -93,6 +95,20 @@ class Finetune(Stage):
             return build_finetune_net(cfg.model, embedding, input_shape, num_classes, cfg.seed, ctx.dtype)
 
         return load_trained(cfg, ctx, folder, path, "finetune", build)
+
+
+def random_embedding_baseline(cfg: DictConfig, tasks, ctx: Context) -> dict:
+    """The same finetune recipe on an untrained, randomly initialised embedding, and the majority class's share of
+    the test set: did pretraining transfer? (For text, where it often does not.)"""
+    from msif.models import build_pretrain_net
+
+    task = tasks.finetune
+    untrained = build_pretrain_net(cfg.model, tasks.input_shape, tasks.pretrain.num_classes, cfg.seed + 1, ctx.dtype)
+    net, _ = finetune_from(cfg, tasks, untrained.embedding, cfg.seed, ctx.device, ctx.dtype, show_progress=False)
+    test = evaluate(net, (task.test.x.to(ctx.device), task.test.y.to(ctx.device)), cfg.train.eval_batch_size)
+    counts = torch.bincount(task.test.y, minlength=task.num_classes)
+    majority = float(counts.max() / counts.sum())
+    return {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "majority": majority}
 
 
 FINETUNE = Finetune()

@@ -326,6 +326,12 @@ def write_extras(
         what = f"{title}: influence of {summary.get('scored', len(frame)):,} pretraining examples"
         plots.score_histogram({label(cfg): frame["score"].to_numpy()}, path / "score_histogram.png", what)
     tasks = ctx.tasks(cfg)
+    if "text" in frame and wanted("table1.md"):  # text: the paper's Table 1, from the score table
+        from msif.summaries import table1_markdown, table1_rows
+
+        rows = table1_rows(frame, int(cfg.output.top_k))
+        atomic_write_text(table1_markdown(rows, f"Table 1: {title}"), path / "table1.md")
+        atomic_write_text(pd.DataFrame(rows).to_csv(index=False), path / "table1.csv")
     if len(tasks.input_shape) == 3 and wanted("influence_grid.png"):
         plots.influence_figure(
             frame,
@@ -342,6 +348,12 @@ def write_extras(
 def report(cfg: DictConfig, frame: pd.DataFrame, summary: dict, path: Path) -> None:
     for t in influence_tables(frame, summary, int(cfg.output.top_k)):
         console.print(t)
+    if "text" in frame:
+        from msif.summaries import table1_rows, table1_table
+
+        console.print(table1_table(table1_rows(frame, int(cfg.output.top_k)), int(cfg.output.top_k)))
+        if (path / "table1.md").exists():
+            say(f"Table 1: {path / 'table1.md'}")
     say(f"scores: {path / 'scores.parquet'} ({len(frame):,} rows)")
 
 

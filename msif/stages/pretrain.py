@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from msif.config import pretrain_settings, to_plain
 from msif.console import console, say
+from msif.io import atomic_write_text
 from msif.lifecycle import Context, Stage, need, run
 from msif.models import build_pretrain_net, count_parameters, parameter_groups
 from msif.runs import (
@@ -41,7 +42,7 @@ class Pretrain(Stage):
         task = tasks.pretrain
         how = f"weights from {cfg.weights.pretrain}" if cfg.weights.pretrain else f"{cfg.train.pretrain.steps} steps"
         say(
-            f"pretrain: {cfg.dataset.name} classes {task.train.class_names}, m={len(task.train):,} examples, "
+            f"pretrain: {cfg.dataset.name} {what_is_learned(task.train)}, m={len(task.train):,} examples, "
             f"model {cfg.model.name}, {how} on {ctx.device}"
         )
         start = time.perf_counter()
@@ -59,7 +60,7 @@ class Pretrain(Stage):
         metrics = {
             "stage": "pretrain",
             "m": len(task.train),
-            "classes": task.train.class_names,
+            "classes": task.train.class_names if not task.train.language_model else None,
             "train": evaluate(net, (task.train.x.to(ctx.device), task.train.y.to(ctx.device)), bs),
             "test": evaluate(net, (task.test.x.to(ctx.device), task.test.y.to(ctx.device)), bs),
             "fit": fit_stats,
@@ -67,6 +68,14 @@ class Pretrain(Stage):
             "device": str(ctx.device),
             "seconds": time.perf_counter() - start,
         }
+        if task.train.language_model:  # a language model: its vocabulary, and the perplexity to beat
+            from msif.data.text import unigram_perplexity
+
+            metrics["vocabulary"] = len(task.train.class_names)
+            metrics["unigram_test_perplexity"] = unigram_perplexity(
+                task.train.y, task.test.y, len(task.train.class_names)
+            )
+            atomic_write_text("".join(f"{w}\n" for w in task.train.class_names), folder.path / "vocabulary.txt")
         return save_trained(folder, net.cpu(), metrics, tasks, "pretrain", "pretrain")
 
     def load(self, cfg: DictConfig, ctx: Context, up: None, folder: RunFolder, path: Path | None = None) -> Trained:
@@ -74,6 +83,13 @@ class Pretrain(Stage):
             return build_pretrain_net(cfg.model, input_shape, num_classes, cfg.seed, ctx.dtype)
 
         return load_trained(cfg, ctx, folder, path, "pretrain", build)
+
+
+def what_is_learned(examples) -> str:
+    """ "classes [...]", or for a language model the size of its vocabulary."""
+    if examples.language_model:
+        return f"next-token prediction over a vocabulary of {len(examples.class_names):,} tokens"
+    return f"classes {examples.class_names}"
 
 
 def imported(cfg: DictConfig, ctx: Context, stage: str, net):

