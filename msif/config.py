@@ -153,6 +153,14 @@ def resolve_dtype(name: str):
 HOW_NOT_WHAT = ("graph_budget_gib",)
 
 
+def score_settings(score: DictConfig) -> dict[str, Any]:
+    """Which rows are scored (a run scoring all of them keeps the signature it had before samples existed)."""
+    out = {"indices": score.indices}
+    if score.get("sample") is not None:
+        out |= {"sample": int(score.sample), "seed": int(score.get("seed", 0))}
+    return out
+
+
 def influence_settings(cfg: DictConfig, finetune_signature: str) -> dict[str, Any]:
     """The settings that determine an influence table, chained to its finetune checkpoint's signature (single-stage:
     the pretrain checkpoint's)."""
@@ -168,7 +176,7 @@ def influence_settings(cfg: DictConfig, finetune_signature: str) -> dict[str, An
             "pretrain": finetune_signature,
             "solver": cfg.solver.pretrain,
             "target": {k: v for k, v in cfg.target.items() if k != "chunk"},
-            "score": {"indices": cfg.score.indices},
+            "score": score_settings(cfg.score),
             "hessian": {
                 k: v for k, v in cfg.hessian.items() if k not in ("batch_size", "finetune_sample", *HOW_NOT_WHAT)
             },
@@ -180,7 +188,7 @@ def influence_settings(cfg: DictConfig, finetune_signature: str) -> dict[str, An
         "case": {"name": cfg.case.name, "alpha": cfg.case.get("alpha")},
         "solver": cfg.solver,
         "target": {k: v for k, v in cfg.target.items() if k != "chunk"},
-        "score": {"indices": cfg.score.indices},
+        "score": score_settings(cfg.score),
         "hessian": {k: v for k, v in cfg.hessian.items() if k not in ("batch_size", *HOW_NOT_WHAT)},
         "dtype": cfg.dtype,
     }

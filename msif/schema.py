@@ -218,6 +218,8 @@ class Target:
 @dataclass
 class Score:
     indices: list[int] | None = None
+    sample: int | None = at_least(1, None)  # score a seeded random sample of this many rows instead of all
+    seed: int = 0
     method: str = one_of("auto", "jvp", "per_example", default="auto")
     part_rows: int = at_least(1, 8192)
 

@@ -49,6 +49,24 @@ def select_rows(indices, size: int, what: str = "score.indices", of: str = "pret
     return torch.tensor(rows)
 
 
+def scored_rows(score: DictConfig, size: int) -> torch.Tensor:
+    """The pretraining rows to score: score.indices, a seeded sample of score.sample rows (sorted), or all."""
+    sample = score.get("sample")
+    if sample is None:
+        return select_rows(score.indices, size)
+    if score.indices is not None:
+        raise MsifError(
+            "score.indices and score.sample are both set.", "Score either the listed rows or a sample, not both."
+        )
+    if sample > size:
+        raise MsifError(
+            f"score.sample={sample} asks for more rows than the pretraining set has ({size:,}).",
+            f"Use score.sample={size} or less, or score.sample=null for all of them.",
+        )
+    gen = torch.Generator().manual_seed(int(score.get("seed", 0)))
+    return torch.randperm(size, generator=gen)[:sample].sort().values
+
+
 def check_target(target: DictConfig, test: Examples) -> None:
     """What can be checked of the target before any model exists (kind, explicit indices, max_points)."""
     if target.kind not in TARGET_KINDS:

@@ -15,7 +15,7 @@ from tests.helpers.cli import msif, refused
 @pytest.mark.parametrize(
     "only",
     # the fast suite: one experiment of every kind but cleansing (its retrains are tested in test_cleanse.py)
-    [["fig2a", "fig3", "fig4", "fig5", "lds", "faults"], pytest.param(None, marks=pytest.mark.slow)],
+    [["fig2a", "fig3", "fig4", "fig5", "lds", "faults", "table1"], pytest.param(None, marks=pytest.mark.slow)],
     ids=["every-kind", "whole-plan"],
 )
 def test_the_tiny_plan_makes_every_figure_and_the_report_table(only, env, tmp_path):
@@ -26,19 +26,22 @@ def test_the_tiny_plan_makes_every_figure_and_the_report_table(only, env, tmp_pa
     path = reproduce(cfg)
     text = path.read_text()
     ids = [e.id for e in cfg.plan.experiments if only is None or e.id in only]
-    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| experiment")]
-    assert len(rows) == len(ids) == (9 if only is None else len(only))
+    lines = text.splitlines()
+    start = lines.index("| experiment | paper | msif | settings | compute (s) | this run (s) |") + 2
+    rows = lines[start : lines.index("", start)]  # the report's table (Table 1's own tables come later)
+    assert len(rows) == len(ids) == (10 if only is None else len(only))
     for row in rows:
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]]
         assert len(cells) == 6 and all(cells), row  # title, paper, msif, settings, compute, this run
         assert float(cells[4].replace(",", "")) > 0
     figures = sorted((tmp_path / "report" / "figures").glob("*.png"))
-    assert {f.stem.split("_")[0] for f in figures} >= set(ids)
+    assert {f.stem.split("_")[0] for f in figures} >= set(ids) - {"table1"}  # Table 1 is a table, not a figure
+    assert "### test sentence #0" in text and "largest |I|" in text
     for f in figures:
         with Image.open(f) as im:
             assert im.size[0] > 100 and im.size[1] > 100
         assert f"(figures/{f.name})" in text
-    assert "Section 4.5" in text and "not reproduced" in text
+    assert "Section 4.5 at the paper's size" in text and "not reproduced" in text
     assert re.search(r"Total compute of the distinct runs behind this report: [\d,]+ s", text)
 
 

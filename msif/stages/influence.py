@@ -32,7 +32,7 @@ from msif.stability import agreement, overall, overlap_size, reliability
 from msif.stages.finetune import finetuned
 from msif.stages.pretrain import pretrained
 from msif.summaries import influence_tables, reliability_table
-from msif.targets import check_target, is_single_stage, label, predict, select_rows, select_targets, target_set
+from msif.targets import check_target, is_single_stage, label, predict, scored_rows, select_targets, target_set
 
 
 @dataclass
@@ -64,7 +64,7 @@ class Influence(Stage):
         # mode, choices, ranges and the solver settings were checked with the whole config (run -> validate_config)
         tasks = ctx.tasks(cfg)
         check_target(cfg.target, target_set(cfg, tasks))
-        select_rows(cfg.score.indices, len(tasks.pretrain.train))
+        scored_rows(cfg.score, len(tasks.pretrain.train))
         if cfg.get("embedding_params") is not None and not is_single_stage(cfg):
             check_embedding_params(cfg, tasks)
 
@@ -94,7 +94,7 @@ class Influence(Stage):
         pre_set, test = tasks.pretrain.train, target_set(cfg, tasks)
         pred = predict(up.fin.net, test, ctx.device, cfg.train.eval_batch_size)
         targets = select_targets(cfg.target, test, pred)
-        score_rows = select_rows(cfg.score.indices, len(pre_set))
+        score_rows = scored_rows(cfg.score, len(pre_set))
         say(
             f"influence ({label(cfg)}): {cfg.dataset.name}, m={len(pre_set):,} pretraining examples "
             f"({len(score_rows):,} scored), target T = {len(targets):,} test points ({cfg.target.kind}"

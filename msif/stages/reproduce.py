@@ -24,7 +24,7 @@ from msif.errors import MsifError
 from msif.report import Entry, seconds, write_report
 from msif.runs import read_json
 
-KINDS = ("loo", "identity", "per_test", "histograms", "cleanse", "lds", "faults")
+KINDS = ("loo", "identity", "per_test", "histograms", "cleanse", "lds", "faults", "table1")
 
 
 @dataclass
@@ -344,6 +344,41 @@ def _faults(ctx: Context, e: DictConfig) -> Entry:
     return Entry(e.id, e.title, str(e.paper), measured, settings, compute, [figure], [str(result.path)])
 
 
+def _table1(ctx: Context, e: DictConfig) -> Entry:
+    """Section 4.5: a language model's pretraining sentences with the largest and smallest |I| for test sentences."""
+    from msif.stages import influence
+    from msif.summaries import table1_markdown, table1_rows
+
+    cfg = ctx.compose("influence", list(e.overrides))
+    upstream, run_context = ctx.count_upstream(cfg)
+    result = influence(cfg, run_context, verdict=False)
+    s = result.summary
+    compute = upstream + ctx.count(result.path, s["seconds"]["total"])
+    pre = read_json(Path(s["pretrain_run"]) / "metrics.json")
+    fin = read_json(Path(s["finetune_run"]) / "metrics.json")
+    k = int(e.get("rows", 3))
+    rows = table1_rows(result.scores, k)
+    first = [r for r in rows if r["test_index"] == rows[0]["test_index"]]
+
+    def quote(r: dict) -> str:
+        return f"“{str(r['text'])[:70]}” (I = {r['score']:.3g})"
+
+    big = [r for r in first if r["which"] == "largest |I|"][0]
+    small = [r for r in first if r["which"] == "smallest |I|"][0]
+    random_w = fin.get("random_embedding") or {}
+    per_sentence = 1000 * s["seconds"].get("scoring", 0) / max(1, s["scored"])
+    measured = (
+        f"language model test perplexity {pre['test']['perplexity']:.0f} "
+        f"(unigram {pre['unigram_test_perplexity']:.0f}); finetune test accuracy {100 * fin['test']['accuracy']:.1f}% "
+        f"(random W {100 * random_w.get('test_accuracy', 0):.1f}%, majority {100 * random_w.get('majority', 0):.1f}%);"
+        f" test sentence #{first[0]['test_index']}: largest |I| {quote(big)}, smallest {quote(small)}; "
+        f"{per_sentence:.2f} ms of scoring per pretraining sentence"
+    )
+    note = table1_markdown(rows, "Table 1").replace("\n## ", "\n### ").split("\n", 1)[1]
+    settings = _settings(cfg, "solver") + f"; {s['scored']:,} of {s['m']:,} pretraining sentences scored"
+    return Entry(e.id, e.title, str(e.paper), measured, settings, compute, [], [str(result.path)], note)
+
+
 HANDLERS: dict[str, Callable[[Context, DictConfig], Entry]] = {
     "loo": _loo,
     "identity": _loo,  # the same validate-loo run, scored with loo.compare=identity (Figure 3)
@@ -352,6 +387,7 @@ HANDLERS: dict[str, Callable[[Context, DictConfig], Entry]] = {
     "cleanse": _cleanse,
     "lds": _lds,
     "faults": _faults,
+    "table1": _table1,
 }
 
 __all__ = ["compose_stage", "reproduce"]

@@ -79,10 +79,11 @@ class ValidateLds(Stage):
         bad = [b for b in to_plain(d.baselines) or [] if b not in BASELINES]
         if bad:
             raise MsifError(f"lds.baselines lists {bad}, which are not baselines.", f"Use some of {list(BASELINES)}.")
-        if cfg.score.indices is not None:
+        if cfg.score.indices is not None or cfg.score.get("sample") is not None:
             raise MsifError(
-                "validate-lds sums the scores of every left-out example, but score.indices scores only some.",
-                "Drop score.indices.",
+                "validate-lds sums the scores of every left-out example, but score.indices / score.sample score "
+                "only some.",
+                "Drop score.indices and score.sample.",
             )
         INFLUENCE.check(cfg, ctx)
 
