@@ -73,10 +73,11 @@ def test_paper_section_experiments_say_what_the_paper_did():
 
 
 INPUT_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar": (3, 32, 32), "tiny": (10,)}
+INPUT_SHAPES |= {"sentiment_rt": (34,), "sentiment_tweets": (34,), "text_tiny": (14,)}  # token ids per sentence
 
 
 # the networks not tied to one data set, with the data set they are built for here
-DATASET_OF = {"resnet8": "cifar", "torchvision": "cifar"}
+DATASET_OF = {"resnet8": "cifar", "torchvision": "cifar", "text_lstm": "text_tiny"}
 
 
 @pytest.mark.parametrize("model", options("model"))
