@@ -71,8 +71,8 @@ def table1_markdown(rows: list[dict], title: str) -> str:
             lines.append(f"## test sentence #{t} ({head['test_label']}): {head['test_text']}")
         lines += ["", "| | pretraining sentence | index | I |", "|---|---|---:|---:|"]
         for r in mine:
-            text = str(r["text"]).replace("|", "\\|")
-            lines.append(f"| {r['which']} | {text} | {r['index']} | {r['score']:.4g} |")
+            which, text = (str(v).replace("|", "\\|") for v in (r["which"], r["text"]))
+            lines.append(f"| {which} | {text} | {r['index']} | {r['score']:.4g} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -36,7 +36,7 @@ def test_the_tiny_plan_makes_every_figure_and_the_report_table(only, env, tmp_pa
         assert float(cells[4].replace(",", "")) > 0
     figures = sorted((tmp_path / "report" / "figures").glob("*.png"))
     assert {f.stem.split("_")[0] for f in figures} >= set(ids) - {"table1"}  # Table 1 is a table, not a figure
-    assert "### test sentence #0" in text and "largest |I|" in text
+    assert "### test sentence #0" in text and "largest \\|I\\|" in text
     for f in figures:
         with Image.open(f) as im:
             assert im.size[0] > 100 and im.size[1] > 100

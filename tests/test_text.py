@@ -163,7 +163,9 @@ def test_text_end_to_end_language_model_classifier_table1_and_leave_one_out(env)
     assert 0 < baseline["test_accuracy"] <= 1 and 0.5 <= baseline["majority"] <= 1
     (table1,) = root.glob("*/pretrain-*/finetune-fixed-*/influence-*/table1.md")
     md = table1.read_text()
-    assert md.count("## test sentence #") == 2 and md.count("largest |I|") == 20 and md.count("smallest |I|") == 20
+    assert (
+        md.count("## test sentence #") == 2 and md.count("largest \\|I\\|") == 20 and md.count("smallest \\|I\\|") == 20
+    )
     scores = pd.read_parquet(table1.parent / "scores.parquet")
     assert {"text", "test_text"} <= set(scores.columns) and (scores["class_name"] == "sentence").all()
     first = scores[scores["test_index"] == 0].sort_values("score", key=abs, ascending=False)
