@@ -226,6 +226,56 @@ class LSTMEmbedding(nn.Module):
         return torch.cat([seq * mask, mask], -1)
 
 
+class CausalTransformerEmbedding(nn.Module):
+    """Text, the alternative to the LSTM: token and learned position embeddings, then pre-norm transformer blocks of
+    causal self-attention (a position attends to itself and the positions before it) and a ReLU MLP; output as
+    LSTMEmbedding's, the state at every position and the token mask, (b, L, dim + 1). Attention is written out
+    (softmax of masked scores), so every torch.func transform msif uses applies."""
+
+    def __init__(self, in_shape, vocab_size: int, dim: int = 128, heads: int = 4, layers: int = 2, mlp: int = 256):
+        super().__init__()
+        length, dim, heads = int(in_shape[0]), int(dim), int(heads)
+        if dim % heads:
+            raise ValueError(f"model.embedding.dim={dim} is not a multiple of heads={heads}")
+        self.tokens = nn.Embedding(int(vocab_size), dim, padding_idx=0)
+        self.positions = nn.Parameter(torch.zeros(length, dim))
+        nn.init.normal_(self.positions, std=0.02)
+        self.blocks = nn.ModuleList(
+            [
+                nn.ModuleDict(
+                    {
+                        "norm1": nn.LayerNorm(dim),
+                        "qkv": nn.Linear(dim, 3 * dim),
+                        "out": nn.Linear(dim, dim),
+                        "norm2": nn.LayerNorm(dim),
+                        "mlp1": nn.Linear(dim, int(mlp)),
+                        "mlp2": nn.Linear(int(mlp), dim),
+                    }
+                )
+                for _ in range(int(layers))
+            ]
+        )
+        self.heads = heads
+        self.register_buffer("causal", torch.ones(length, length).tril().bool(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = x.long()
+        b, length = ids.shape
+        h = self.tokens(ids) + self.positions[:length]
+        keep = self.causal[:length, :length] & (ids != 0).unsqueeze(1).unsqueeze(1)  # (b, 1, L, L): no padding keys
+        keep = keep | torch.eye(length, dtype=torch.bool, device=ids.device)  # a padding position sees itself
+        for block in self.blocks:
+            q, k, v = block["qkv"](block["norm1"](h)).chunk(3, dim=-1)
+            q, k, v = (t.view(b, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            weights = scores.masked_fill(~keep, float("-inf")).softmax(-1)
+            attended = (weights @ v).transpose(1, 2).reshape(b, length, -1)
+            h = h + block["out"](attended)
+            h = h + block["mlp2"](torch.relu(block["mlp1"](block["norm2"](h))))
+        mask = (ids != 0).to(h.dtype).unsqueeze(-1)
+        return torch.cat([h * mask, mask], -1)
+
+
 class TokenHead(nn.Module):
     """A language model's output layer U: the logits of the next token at every position, (b, L, V), from the
     flattened (b, L·(hidden + 1)) features of an LSTMEmbedding (its mask feature unused)."""

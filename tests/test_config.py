@@ -77,7 +77,7 @@ INPUT_SHAPES |= {"sentiment_rt": (34,), "sentiment_tweets": (34,), "text_tiny": 
 
 
 # the networks not tied to one data set, with the data set they are built for here
-DATASET_OF = {"resnet8": "cifar", "torchvision": "cifar", "text_lstm": "text_tiny"}
+DATASET_OF = {"resnet8": "cifar", "torchvision": "cifar", "text_lstm": "text_tiny", "text_transformer": "text_tiny"}
 
 
 @pytest.mark.parametrize("model", options("model"))
