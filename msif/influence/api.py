@@ -101,9 +101,7 @@ def check_score_method(method: str) -> str:
 log = logging.getLogger("msif")
 
 
-def check_network(
-    net: nn.Module, data: Examples, what: str, device, objective: Objective | None = None, two_stage: bool = True
-) -> None:
+def check_network(net: nn.Module, data: Examples, what: str, device, objective: Objective | None = None) -> None:
     """The loss works on the data, and (for the default cross-entropy) the labels are class indices the network has
     outputs for, checked before any work: one paragraph saying what is expected."""
     if len(data) == 0:
@@ -163,7 +161,7 @@ def _sample(n: int, k: int | None, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=gen)[:k].sort().values
 
 
-def test_examples(x_T, y_T) -> Examples:
+def target_examples(x_T, y_T) -> Examples:
     """The target's examples: (x_T, y_T) tensors, or any data `Examples` reads passed as x_T alone."""
     return Examples((x_T, y_T) if y_T is not None else x_T, "test examples")
 
@@ -326,7 +324,7 @@ class MultiStageInfluence:
         """The solved vectors s (K, |W| + |U|), one per target (K = 1 unless `per_test`). The target is
         (x_T, y_T) tensors, or any test data (batches the finetune loss reads) passed as x_T alone."""
         tr = self.trace
-        test = test_examples(x_T, y_T)
+        test = target_examples(x_T, y_T)
         batches = [to_device(b, self.device) for b in test.batches(self.batch_size)]
         with tr.timed("gradients"):
             V = target_gradient(

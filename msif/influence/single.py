@@ -25,7 +25,7 @@ from msif.influence.api import (
     checked,
     hessian_batches,
     scored_rows,
-    test_examples,
+    target_examples,
 )
 from msif.influence.batches import Examples, to_device
 from msif.influence.hessian import GRAPH_BUDGET_BYTES, Hessian
@@ -91,7 +91,7 @@ class SingleStageInfluence:
 
     def target_vectors(self, x_T, y_T=None, per_test: bool = False) -> torch.Tensor:
         """s = H⁻¹ ∇L_T, one row per target (K = 1 unless `per_test`); (x_T, y_T) tensors or test data as x_T."""
-        batches = [to_device(b, self.device) for b in test_examples(x_T, y_T).batches(self.batch_size)]
+        batches = [to_device(b, self.device) for b in target_examples(x_T, y_T).batches(self.batch_size)]
         with self.trace.timed("gradients"):
             V = target_gradient(summed_loss(self.net, self.space, self.loss), self.point, batches, per_test)
         with self.trace.timed("ihvp"):
