@@ -131,6 +131,14 @@ class ValidateLoo(Stage):
         references = reference_losses(retrainer, folder.path, seeds, cfg.loo.reference)
         reference = float(sum(references) / len(references))
         counts = sum(retrainer.exposure(seed).double() for seed in seeds) / len(seeds)
+        unseen = [z for z in selection if float(counts[z]) == 0.0]
+        if unseen:
+            say(
+                f"[yellow]warning:[/] {len(unseen)} of the {len(selection)} examples are in none of the retrains' "
+                f"K_p={steps} pretrain batches, so removing them changes nothing by construction (their measured "
+                "effect is 0): the correlation says little. Retrain whole passes (loo.pretrain_epochs=1) so that "
+                "every example is seen."
+            )
         original = retrainer.original_test_loss()
         drift = (reference - original) / abs(original)
         if abs(drift) > DRIFT_WARNING:
