@@ -16,6 +16,7 @@ The whole `msif influence` computation (gradients, both IHVPs, mixed term, scori
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from pathlib import Path
@@ -55,8 +56,8 @@ def main(overrides: list[str]) -> None:
     msi.score(S)
     t_score = min(t_score, time.perf_counter() - t1)  # best of two, like the floor
 
-    net = msi.pretrain_net
-    params = [p for _, p in net.named_parameters()]
+    net = copy.deepcopy(msi.pretrain_net)  # msif's own copy holds its parameters without gradients
+    params = [p.requires_grad_(True) for _, p in net.named_parameters()]
     s_parts = list(msi.pre_space.unflatten(S[0]).values())
     x, y = pre_set.x.to(ctx.device), pre_set.y.to(ctx.device)
 

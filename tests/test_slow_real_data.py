@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import tarfile
 
 import pytest
@@ -68,8 +69,8 @@ def test_influence_on_the_paper_networks_matches_a_per_example_gradient_loop(dat
     S = msi.target_vectors(test.x, test.y)
     rows = torch.arange(0, len(pre_set), len(pre_set) // 40)[:40]
     ours = msi.score(S, rows)[:, 0]
-    net = msi.pretrain_net
-    params = list(net.parameters())
+    net = copy.deepcopy(msi.pretrain_net)  # msif's own copy holds its parameters without gradients
+    params = [p.requires_grad_(True) for p in net.parameters()]
     parts = list(msi.pre_space.unflatten(S[0]).values())
     naive = torch.stack(
         [
