@@ -61,3 +61,15 @@ def prebuilt(run_cache, env):
         return run_cache.copy(stage, overrides, Path(into or env["MSIF_OUTPUTS"]), upto, config)
 
     return copy
+
+
+@pytest.fixture
+def float64():
+    """The default dtype float64 for one test (restored afterwards); a module asks for it with
+    pytestmark = pytest.mark.usefixtures("float64")."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

@@ -14,17 +14,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from msif.influence import MultiStageInfluence, SingleStageInfluence, default_solver
 from msif.influence.batches import Examples
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.usefixtures("float64")]
 
 DX, D1, D2, R, K = 4, 5, 3, 2, 3  # inputs, two embedding widths, regression outputs (pretraining), classes
-
-
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 class Model(nn.Module):

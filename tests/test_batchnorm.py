@@ -25,6 +25,8 @@ N_W = DE * DX + 3 * DE  # linear weight and bias, batch-norm weight and bias
 N_HEAD = K * DE + K
 EPS = 1e-5
 
+pytestmark = pytest.mark.usefixtures("float64")  # every tensor of this module in float64 (conftest.py)
+
 
 def embedding() -> nn.Module:
     return nn.Sequential(nn.Linear(DX, DE), nn.BatchNorm1d(DE, eps=EPS), nn.Tanh(), nn.Dropout(0.3))
@@ -67,14 +69,6 @@ def flat(module: nn.Module) -> torch.Tensor:
 def stats(net: TwoStageNet):
     bn = net.embedding[1]
     return bn.running_mean.clone(), bn.running_var.clone()
-
-
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 @pytest.mark.parametrize("case", ["fixed", "updated"])
