@@ -367,3 +367,28 @@ def test_tracking_part_of_the_embedding_from_the_command_line(env):
     (tracked,) = [s for s in summaries if s["embedding_held_fixed"]]
     assert tracked["embedding_held_fixed"] == ["embedding.0.weight", "embedding.0.bias"]
     assert tracked["parameters"]["W"] == 32 * 16 * 9 + 32
+
+
+def test_a_copied_data_folder_keeps_its_fingerprint_and_an_edited_one_does_not(tmp_path, monkeypatch):
+    """A data folder copied again (new modification times, same bytes) names the same runs, so hours of finished
+    runs are reused; a file rewritten at the same size (e.g. relabelled) names new ones."""
+    import os
+
+    from msif.data import formats
+    from msif.data.sources import fingerprint
+
+    monkeypatch.setenv("MSIF_CACHE", str(tmp_path / "cache"))
+    root = write_kmnist(tmp_path / "a")
+    spec = {"kind": "torchvision", "name": "KMNIST", "root": str(root)}
+    before = fingerprint(spec)
+    for f in (root / "KMNIST" / "raw").iterdir():
+        os.utime(f, ns=(1, 10**18))  # as a fresh copy would have them
+    formats._TREE_KEYS.clear()  # a new command
+    assert fingerprint(spec) == before
+    assert (tmp_path / "cache" / "fingerprints.json").is_file()  # the next command reads the memo, not the bytes
+    labels = root / "KMNIST" / "raw" / "train-labels-idx1-ubyte"
+    data = bytearray(labels.read_bytes())
+    data[-1] = (data[-1] + 1) % 10
+    labels.write_bytes(bytes(data))
+    formats._TREE_KEYS.clear()
+    assert fingerprint(spec) != before

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +20,9 @@ import numpy as np
 import torch
 
 from msif.errors import MsifError
-from msif.io import update_with_file
+from msif.io import atomic_write_json, update_with_file
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -169,13 +173,59 @@ def image_folder_files(
 
 def listing_key(paths: list[Path], extra: str = "", base: Path | None = None) -> str:
     """A hash of file names (relative to `base` when given), sizes and modification times: it changes whenever a
-    file is added, removed or rewritten."""
+    file is added, removed or rewritten — and also when the same files are copied again (new times)."""
     key = hashlib.sha256(extra.encode())
     for p in paths:
         st = p.stat()
         name = p.relative_to(base) if base is not None and p.is_relative_to(base) else p
         key.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
     return key.hexdigest()
+
+
+def tree_key(paths: list[Path], extra: str = "", base: Path | None = None, memo: Path | None = None) -> str:
+    """A hash of file names (relative to `base` when given), sizes and contents. Unlike `listing_key` it survives a
+    copy or a re-provisioned data folder, whose files get new modification times: the data are the same, so runs
+    made from them stay reusable. Reading every byte costs about a second per 100 MB, so the digest is remembered
+    per listing (names, sizes, times, in this process and in the JSON file `memo` when given) and recomputed only
+    when the listing changes."""
+    stamp = listing_key(paths, extra, base) + ":" + str(base)
+    if stamp in _TREE_KEYS:
+        return _TREE_KEYS[stamp]
+    remembered = _read_memo(memo)
+    if stamp not in remembered:
+        key = hashlib.sha256(extra.encode())
+        for p in paths:
+            name = p.relative_to(base) if base is not None and p.is_relative_to(base) else p
+            key.update(f"{name}:{p.stat().st_size}:".encode())
+            update_with_file(key, p)
+            key.update(b";")
+        remembered = _read_memo(memo) | {stamp: key.hexdigest()}  # re-read: another process may have added one
+        _write_memo(memo, remembered)
+    _TREE_KEYS[stamp] = remembered[stamp]
+    return _TREE_KEYS[stamp]
+
+
+_TREE_KEYS: dict[str, str] = {}
+
+
+def _read_memo(memo: Path | None) -> dict[str, str]:
+    if memo is None or not memo.is_file():
+        return {}
+    try:
+        data = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        return {}  # a memo can always be rebuilt
+    return data if isinstance(data, dict) else {}
+
+
+def _write_memo(memo: Path | None, data: dict[str, str]) -> None:
+    if memo is None:
+        return
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(dict(list(data.items())[-256:]), memo)  # the newest listings; the file stays small
+    except OSError as err:
+        log.debug("could not write the fingerprint memo %s (%s); the next command reads the files again", memo, err)
 
 
 # --- torchvision --------------------------------------------------------------------------------------------------

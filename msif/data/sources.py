@@ -555,9 +555,10 @@ def _cache_folder(cache_dir: str | None) -> Path:
 
 
 def fingerprint(spec: dict) -> str:
-    """What identifies the data `spec` reads, whatever the path it is reached by: the names, sizes and modification
-    times of its files (image folders, MNIST, CIFAR-10, torchvision roots), the content of array files, the embedded
-    digits' content; "generated" for `tiny`, whose config is its data. Cheap enough to run on every command."""
+    """What identifies the data `spec` reads, whatever the path it is reached by and whenever its files were
+    copied: the names, sizes and contents of its files (image folders, MNIST, CIFAR-10, torchvision roots, array and
+    text files), the embedded digits' content; "generated" for the built-in generated sources, whose config is their
+    data. A folder's digest is remembered by its listing (formats.tree_key), so this is cheap on every command."""
     kind = spec["kind"]
     if kind in ("tiny", "tiny_corpus", "tiny_reviews"):
         return "generated"
@@ -579,4 +580,5 @@ def fingerprint(spec: dict) -> str:
     files = sorted(p for f in folders if f.is_dir() for p in f.rglob("*") if p.is_file())
     if not files:
         return "missing"  # loading stops with the data set's own message
-    return formats.listing_key(files, kind, base=root)[:16]
+    memo = _cache_folder(spec.get("cache_dir") or os.environ.get("MSIF_CACHE")) / "fingerprints.json"
+    return formats.tree_key(files, kind, base=root, memo=memo)[:16]
