@@ -171,3 +171,25 @@ def test_jvp_in_direction_chunks_and_auto_above_its_measuring_limit(problem, mon
     assert torch.allclose(chunked, whole, rtol=1e-12, atol=1e-14 * whole.abs().max())
     _, chosen = scores("auto")
     assert chosen["method"] == "per_example" and "measured_seconds" not in chosen
+
+
+def test_many_targets_through_the_target_subspace_give_the_explicit_per_test_scores(problem):
+    """`lowrank` with too few Ritz pairs, grown by Krylov blocks of the targets' remainder until the space is whole:
+    the per-test scores are the explicit Hessian's, though the 20 test points are scored as the basis vectors and
+    combined (fewer basis vectors than targets)."""
+    x, y, x_T, y_T, theta, objective, net = problem
+    solver = {"method": "lowrank", "damping": MU, "normal": False, "rank": 4, "block": 3, "steps": 6}
+    ssi = SingleStageInfluence(net, (x, y), solver=solver, hessian_sample=None)
+    scores = ssi.influence(x_T, y_T, per_test=True)
+    coefficients, basis = ssi.trace.solves[-1].factors
+    # the softmax's shift invariance leaves H a null space that no gradient reaches: the space stops below 18
+    assert len(basis) < D * C + C < len(y_T)  # scored as the basis vectors, not as the 20 targets
+    H = hessian(objective)(theta)
+    G_T = torch.stack(
+        [grad(lambda t, i=i: F.cross_entropy(logits(t, x_T[i : i + 1]), y_T[i : i + 1]))(theta) for i in range(20)]
+    )
+    per_example = torch.stack(
+        [grad(lambda t, i=i: F.cross_entropy(logits(t, x[i : i + 1]), y[i : i + 1]))(theta) for i in range(len(y))]
+    )
+    expected = -(per_example @ torch.linalg.solve(H, G_T.T))
+    assert torch.allclose(scores, expected, rtol=1e-7, atol=1e-9 * expected.abs().max())

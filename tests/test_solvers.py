@@ -279,3 +279,63 @@ def test_the_retrain_rate_and_steps_come_together_and_are_checked():
         solver_settings({"method": "exact", "retrain_lr": -1.0, "retrain_steps": 3}, "pretrain")
     with pytest.raises(SolverError, match="has no setting 'retrain_lr'"):
         solver_settings({"method": "cg_normal", "retrain_lr": 0.1, "retrain_steps": 3}, "pretrain")
+
+
+def test_target_subspace_is_exact_once_it_spans_the_targets_krylov_space():
+    """Rank-8 Ritz pairs miss most of a spread-out spectrum; adding Krylov blocks of the targets' remainder gives the
+    exact filter on those targets once the space holds their whole Krylov space, at block × steps HVPs and never
+    more directions than there are parameters. (On such a spectrum the Galerkin error is not monotone in the steps:
+    the filter t / (t² + λ) changes sign at 0, which no low-degree polynomial follows.)"""
+    from msif.influence.curvature import fit_ritz, target_subspace
+
+    p, lam = 80, 0.01
+    A = indefinite(p, seed=11)
+    B = torch.randn(3, p, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    want = torch.linalg.solve(A @ A + lam * torch.eye(p, dtype=torch.float64), A @ B.T).T
+    H = DenseWithPoint(A)
+    curv = fit_ritz(H, rank=8, seed=0)
+    assert float((curv.apply(B, lam, True) - want).norm() / want.norm()) > 0.5  # lowrank alone is far off
+    calls = H.calls
+    sub = target_subspace(H, curv, B, block=3, steps=30)
+    assert H.calls - calls == sub.hvps < 1 + 4 * 30 and len(sub.values) == p  # the space filled before step 30
+    assert float((sub.apply(B, lam, True) - want).norm() / want.norm()) < 1e-10
+
+
+def test_target_subspace_needs_few_steps_when_the_remainder_is_a_flat_bulk():
+    """The shape of a network's Hessian: a few large eigenvalues (taken by the Ritz pairs) and a bulk near zero. On
+    the bulk the filter is smooth, so four blocks of the targets' remainder already give it to 1e-3 (each step cuts
+    the error about tenfold), where the Ritz pairs alone are off by the bulk's whole share."""
+    from msif.influence.curvature import fit_ritz, target_subspace
+
+    p, lam = 300, 0.01
+    g = torch.Generator().manual_seed(15)
+    Q, _ = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64))
+    eigs = torch.rand(p, generator=g, dtype=torch.float64) * 0.03
+    eigs[:6] = torch.tensor([-0.5, 2.0, 3.0, 5.0, 8.0, 12.0], dtype=torch.float64)
+    A = (Q * eigs) @ Q.T
+    B = torch.randn(5, p, generator=g, dtype=torch.float64)
+    want = torch.linalg.solve(A @ A + lam * torch.eye(p, dtype=torch.float64), A @ B.T).T
+    H = DenseWithPoint(A)
+    curv = fit_ritz(H, rank=10, seed=0)
+    plain = float((curv.apply(B, lam, True) - want).norm() / want.norm())
+    sub = target_subspace(H, curv, B, block=5, steps=4)
+    err = float((sub.apply(B, lam, True) - want).norm() / want.norm())
+    assert plain > 0.5 and err < 1e-3 and sub.hvps == 1 + 6 * 4  # the leak direction, then 5 + 1 per step
+
+
+def test_target_subspace_for_targets_inside_the_ritz_space_grows_only_the_leak_direction():
+    """Targets in span(U) have no remainder: the block is just the direction in which H U leaves span(U), one HVP
+    per step, and the answer moves towards the exact filter."""
+    from msif.influence.curvature import fit_ritz, target_subspace
+
+    p, lam = 50, 0.01
+    A = indefinite(p, seed=13)
+    H = DenseWithPoint(A)
+    curv = fit_ritz(H, rank=10, seed=0)
+    B = torch.randn(2, 10, generator=torch.Generator().manual_seed(14), dtype=torch.float64) @ curv.vectors
+    want = torch.linalg.solve(A @ A + lam * torch.eye(p, dtype=torch.float64), A @ B.T).T
+    calls = H.calls
+    sub = target_subspace(H, curv, B, block=4, steps=3)
+    assert H.calls - calls == 1 + 3 and len(sub.values) == 13
+    err = float((sub.apply(B, lam, True) - want).norm() / want.norm())
+    assert err < float((curv.apply(B, lam, True) - want).norm() / want.norm())

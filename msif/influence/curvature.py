@@ -77,9 +77,15 @@ class RitzCurvature:
 
     def apply(self, B: torch.Tensor, damping: float, normal: bool) -> torch.Tensor:
         """U f(θ) Uᵀ bᵀ for every row b of B (K, p) -> (K, p)."""
+        coefficients, U = self.factors(B, damping, normal)
+        return coefficients @ U
+
+    def factors(self, B: torch.Tensor, damping: float, normal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, U) with `apply(B) = C U`: C = (B Uᵀ) f(θ) (K, k). Scores are linear in the solved vectors, so K
+        targets can be scored as the k rows of U and combined by C, which is cheaper when K > k."""
         U = self.vectors.to(B.device, B.dtype)
         f = spectral_filter(self.values.double(), damping, normal).to(B.device, B.dtype)
-        return ((B @ U.T) * f) @ U
+        return (B @ U.T) * f, U
 
 
 def fit_ritz(H: CurvatureSource, rank: int, seed: int = 0) -> RitzCurvature:
@@ -160,3 +166,60 @@ def largest_eigenvalue(H: CurvatureSource, steps: int = 20, seed: int = 0) -> fl
             atomic_torch_save({"format": FORMAT, "values": values.cpu(), "fingerprint": H.fingerprint()}, file)
     memo[key] = top = float(values.abs().max())
     return top
+
+
+def target_subspace(H: CurvatureSource, curv: RitzCurvature, B: torch.Tensor, block: int, steps: int) -> RitzCurvature:
+    """Ritz pairs of H on span(U) ⊕ Z, for the targets B (K, p): U the cached Ritz vectors (the top of the spectrum,
+        whatever the targets), Z a block Krylov space of the targets' own remainder, Rayleigh–Ritz on the union.
+
+        The remainder D = (I − UUᵀ) B is what `lowrank` drops; its `block` leading principal directions (of DᵀD, from the
+        K × K Gram matrix) start the block, and each of `steps` steps applies H to the newest block and orthogonalises it
+        against everything so far (two Gram–Schmidt passes), `block` HVPs per step. The block also carries the one direction
+    in which H U leaves span(U) (the next Lanczos vector: one HVP more, and one more per step). The projected matrix
+        M = [U; Z] H [U; Z]ᵀ needs only H Z: UᵀHU = diag(θ) holds for Lanczos Ritz vectors, and UᵀHZ = (H Z Uᵀ)ᵀ. Its
+        eigenpairs are the Ritz pairs of the union, so `apply` is the Galerkin approximation of the solve there: every
+        target shares `block × steps` HVPs, however many targets there are."""
+    start, calls0 = time.perf_counter(), H.calls
+    U = curv.vectors.to(B.device, B.dtype)
+    floor = torch.finfo(B.dtype).eps ** 0.5  # a direction that keeps less of its norm is rounding, not new
+    D = B - (B @ U.T) @ U
+    D = D - (D @ U.T) @ U
+    values, W = torch.linalg.eigh((D @ D.T).double())
+    values, W = values.flip(0)[:block], W.flip(1)[:, :block]
+    scale = float((B * B).sum(1).max()) if len(B) else 0.0
+    Q = (W[:, values > (floor**2) * scale].to(B.dtype)).T @ D
+    if len(U) < H.size:
+        # U is not invariant: H U leaves span(U) along one direction, the next Lanczos vector, which f(H) U b needs.
+        # H w − U θ-weighted for w = Σ u_i lies along it (one HVP), and it starts the block with the targets.
+        w = U.sum(0, keepdim=True)
+        leak = H.matvec(w) - (curv.values.to(U.dtype) @ U).unsqueeze(0)
+        Q = torch.cat([leak, Q])
+    blocks, H_blocks = [U], []
+    for _ in range(steps):
+        if not len(Q):
+            break  # the targets' remainder lies in the space already built
+        basis = torch.cat(blocks)
+        before = Q.norm(dim=1).max()
+        for _ in range(2):
+            Q = Q - (Q @ basis.T) @ basis
+        Qt, R = torch.linalg.qr(Q.T)
+        Q = Qt.T[R.diagonal().abs() > floor * before]
+        if not len(Q):
+            break
+        HQ = H.matvec(Q)
+        blocks.append(Q)
+        H_blocks.append(HQ)
+        Q = HQ
+    Z = torch.cat(blocks[1:]) if len(blocks) > 1 else U[:0]
+    HZ = torch.cat(H_blocks) if H_blocks else U[:0]
+    k = len(U)
+    M = torch.zeros(k + len(Z), k + len(Z), dtype=torch.float64, device=B.device)
+    M[:k, :k] = torch.diag(curv.values.to(M))
+    cross = (HZ @ U.T).double()  # (|Z|, k): Z H U
+    M[k:, :k] = cross
+    M[:k, k:] = cross.T
+    inner = (HZ @ Z.T).double()
+    M[k:, k:] = (inner + inner.T) / 2
+    theta, V = torch.linalg.eigh(M)
+    vectors = V.T.to(B.dtype) @ torch.cat([U, Z])
+    return RitzCurvature(theta, vectors, H.calls - calls0, time.perf_counter() - start)

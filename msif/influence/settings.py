@@ -131,18 +131,24 @@ class CGNormalSettings(CGSettings):
 
 @dataclass(frozen=True)
 class LowrankSettings(SolverSettings):
-    """`rank` Ritz pairs of H fitted once from a random start (`seed`) and cached; the filter applied on their span."""
+    """`rank` Ritz pairs of H fitted once from a random start (`seed`) and cached; the filter applied on their span,
+    or, with `block` > 0, on their span and `steps` Krylov blocks of the targets' own remainder (`block` principal
+    directions of what the pairs miss; block × steps HVPs shared by every target of the solve)."""
 
     method: ClassVar[str] = "lowrank"
     rank: int = 100
     seed: int = 0
     normal: bool = True
+    block: int = 0
+    steps: int = 2
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._count("rank")
         self._count("seed", 0)
         self._flag("normal")
+        self._count("block", 0)
+        self._count("steps")
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,14 @@ class SingleStageInfluence:
             )
 
     def influence(self, x_T, y_T=None, per_test: bool = False, indices: torch.Tensor | None = None) -> torch.Tensor:
-        """I(z, T) for every training example z (or `indices`): (m,) for the summed target, (m, |T|) per test."""
-        scores = self.score(self.target_vectors(x_T, y_T, per_test), indices)
+        """I(z, T) for every training example z (or `indices`): (m,) for the summed target, (m, |T|) per test.
+        When the solver answered with fewer basis vectors than targets (`lowrank`: X = C U), the examples are
+        scored against the basis and the scores combined by C: the same numbers up to rounding, fewer passes."""
+        S = self.target_vectors(x_T, y_T, per_test)
+        factors = self.trace.solves[-1].factors
+        if factors is not None and len(factors[1]) < len(S):
+            coefficients, basis = factors
+            scores = self.score(basis, indices) @ coefficients.T.to(basis.dtype)
+        else:
+            scores = self.score(S, indices)
         return scores if per_test else scores[:, 0]

@@ -11,7 +11,9 @@ and its settings, and returns X (K, p) with a `SolveReport`:
   MINRES on (H + λI) x = b. Handles indefinite H; stops when the relative change of x between steps falls below `tol`.
 - `lowrank`: the same filter applied with `rank` Ritz pairs of H fitted once by Lanczos from a random start and cached
   (msif.influence.curvature): x = U f(θ) Uᵀ b, any number of targets for two small matrix products; an approximation
-  (directions outside span(U) are dropped) whose residual is reported, measured on the first 2 columns.
+  (directions outside span(U) are dropped) whose residual is reported, measured on the first 2 columns. With
+  `block: b` (and `steps: s`) the span grows by s Krylov blocks of the targets' own remainder, the b principal
+  directions of what U misses (Rayleigh–Ritz on the union, b × s HVPs shared by all K targets; curvature.py).
 - `lissa`: the truncated Neumann series x_{j+1} = b + (I − (H + λI)/scale) x_j, x = x_J / scale (Agarwal et al.;
   Koh & Liang), averaged over `repeats`, with divergence detection.
 - `exact`: the explicit matrix and a dense solve of the paper's (H² + λI) x = H b (`normal: true`, the default, as
@@ -40,7 +42,7 @@ from typing import Any
 import torch
 
 from msif.errors import SolverError, UnconvergedSolveWarning
-from msif.influence.curvature import largest_eigenvalue, retrain_filter, ritz_curvature
+from msif.influence.curvature import largest_eigenvalue, retrain_filter, ritz_curvature, target_subspace
 from msif.influence.krylov import Krylov
 from msif.influence.settings import (
     CGSettings,
@@ -68,13 +70,15 @@ class SolveReport:
     seconds: float = 0.0
     converged: bool = True
     history: list[float] = field(default_factory=list)  # max relative residual per iteration (CG) or step (LiSSA)
+    factors: tuple | None = field(default=None, repr=False)  # lowrank: (C, U) with X = C U (RitzCurvature.factors)
     largest_eigenvalue: float | None = None  # |λ|_max of H, when the damping is relative to it
     relative_damping: float | None = None  # ρ: eigenvalues below ρ·|λ|_max damped
     retrain: tuple[float, int] | None = None  # (η, K) of the retrain response, when that replaced the inverse
     system: str = ""  # the system solved, e.g. "(H² + λI) x = H b": two solvers agree only when they solve the same one
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "history"} | {"history": self.history[-50:]}
+        kept = {k: v for k, v in self.__dict__.items() if k not in ("history", "factors")}
+        return kept | {"history": self.history[-50:]}
 
 
 def solve(
@@ -100,7 +104,10 @@ def solve(
         X, HX_known, HB_known = _lanczos(H, B, damping, settings, report)
     elif method == "lowrank":
         curv = ritz_curvature(H, settings.rank, settings.seed)
-        X = curv.apply(B, damping, settings.normal)
+        if settings.block:
+            curv = target_subspace(H, curv, B, settings.block, settings.steps)
+        report.factors = curv.factors(B, damping, settings.normal)
+        X = report.factors[0] @ report.factors[1]
         report.iterations = len(curv.values)
     else:
         X = _lissa(H, B, damping, settings, report)
