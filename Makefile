@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.msif-installed
 
-.PHONY: help install demo test test-slow test-full coverage data data-images data-text bench bench-venv bench-peers bench-targets reproduce lint clean-outputs
+.PHONY: help install demo test test-slow test-full coverage data data-images data-text bench bench-venv bench-peers bench-targets bench-speed reproduce lint clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -71,6 +71,9 @@ bench-peers: bench-venv  ## msif vs Kronfluence, dattri, pyDVL, Captum on MNIST 
 
 bench-targets: install  ## per-test influence for 1, 10, 100, 1000 test points: converged lanczos vs cached lowrank
 	$(BIN)/python benchmarks/many_targets.py
+
+bench-speed: bench-venv  ## the speed goals in one run: 1,000 targets, CIFAR-10 both cases, exact on digits, scoring (~20 min)
+	$(BENCH_VENV)/bin/python benchmarks/speed.py
 
 PROFILE ?= cpu
 

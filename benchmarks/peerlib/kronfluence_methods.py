@@ -112,3 +112,45 @@ METHODS: dict[str, Callable[[Problem], np.ndarray]] = {
     "kronfluence kfac": lambda p: _kronfluence(p, "kfac"),
     "kronfluence diagonal": lambda p: _kronfluence(p, "diagonal"),
 }
+
+
+def pairwise_per_test(p: Problem, strategy: str = "ekfac", query_batch: int = 100) -> np.ndarray:
+    """Kronfluence's pairwise scores of every training example for each test point on its own (no aggregation):
+    (m, n_test), msif's sign. Factors are fitted on the Hessian sample, as for the summed target above."""
+    task = _CrossEntropyTask(seed=0)
+    model = prepare_model(copy.deepcopy(p.net), task)
+    with (
+        tempfile.TemporaryDirectory(prefix="kronfluence-") as out,
+        warnings.catch_warnings(),
+        torch.random.fork_rng(devices=[]),
+    ):
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*GradScaler.*")
+        analyzer = Analyzer(
+            analysis_name="msif_bench_pairwise",
+            model=model,
+            task=task,
+            cpu=True,
+            log_level=logging.WARNING,
+            disable_tqdm=True,
+            output_dir=out,
+            disable_model_save=True,
+        )
+        analyzer.fit_all_factors(
+            factors_name=strategy,
+            dataset=TensorDataset(p.x_hessian, p.y_hessian),
+            per_device_batch_size=p.batch_size,
+            factor_args=FactorArguments(strategy=strategy),
+            overwrite_output_dir=True,
+        )
+        analyzer.compute_pairwise_scores(
+            scores_name=f"{strategy}_pairwise",
+            factors_name=strategy,
+            query_dataset=TensorDataset(p.x_test, p.y_test),
+            train_dataset=TensorDataset(p.x_train, p.y_train),
+            per_device_query_batch_size=query_batch,
+            per_device_train_batch_size=p.batch_size,
+            score_args=ScoreArguments(damping_factor=p.damping),
+            overwrite_output_dir=True,
+        )
+        scores = analyzer.load_pairwise_scores(scores_name=f"{strategy}_pairwise")["all_modules"]
+    return -scores.double().numpy().T  # (n_test, m) -> (m, n_test), msif's sign

@@ -139,7 +139,7 @@ class LowrankSettings(SolverSettings):
     rank: int = 100
     seed: int = 0
     normal: bool = True
-    block: int = 0
+    block: int = 32
     steps: int = 2
 
     def __post_init__(self) -> None:
