@@ -170,15 +170,15 @@ def largest_eigenvalue(H: CurvatureSource, steps: int = 20, seed: int = 0) -> fl
 
 def target_subspace(H: CurvatureSource, curv: RitzCurvature, B: torch.Tensor, block: int, steps: int) -> RitzCurvature:
     """Ritz pairs of H on span(U) ⊕ Z, for the targets B (K, p): U the cached Ritz vectors (the top of the spectrum,
-        whatever the targets), Z a block Krylov space of the targets' own remainder, Rayleigh–Ritz on the union.
+    whatever the targets), Z a block Krylov space of the targets' own remainder, Rayleigh–Ritz on the union.
 
-        The remainder D = (I − UUᵀ) B is what `lowrank` drops; its `block` leading principal directions (of DᵀD, from the
-        K × K Gram matrix) start the block, and each of `steps` steps applies H to the newest block and orthogonalises it
-        against everything so far (two Gram–Schmidt passes), `block` HVPs per step. The block also carries the one direction
-    in which H U leaves span(U) (the next Lanczos vector: one HVP more, and one more per step). The projected matrix
-        M = [U; Z] H [U; Z]ᵀ needs only H Z: UᵀHU = diag(θ) holds for Lanczos Ritz vectors, and UᵀHZ = (H Z Uᵀ)ᵀ. Its
-        eigenpairs are the Ritz pairs of the union, so `apply` is the Galerkin approximation of the solve there: every
-        target shares `block × steps` HVPs, however many targets there are."""
+    The remainder D = (I − UUᵀ) B is what `lowrank` drops; its `block` leading principal directions (of DᵀD, from
+    the K × K Gram matrix) start the block, and each of `steps` steps applies H to the newest block and orthogonalises
+    it against everything so far (two Gram–Schmidt passes), `block` HVPs per step. The block also carries the one
+    direction in which H U leaves span(U) (the next Lanczos vector: one HVP more, and one more per step). The
+    projected matrix M = [U; Z] H [U; Z]ᵀ needs only H Z: UᵀHU = diag(θ) holds for Lanczos Ritz vectors, and
+    UᵀHZ = (H Z Uᵀ)ᵀ. Its eigenpairs are the Ritz pairs of the union, so `apply` is the Galerkin approximation of the
+    solve there: every target shares the (block + 1) × steps HVPs, however many targets there are."""
     start, calls0 = time.perf_counter(), H.calls
     U = curv.vectors.to(B.device, B.dtype)
     floor = torch.finfo(B.dtype).eps ** 0.5  # a direction that keeps less of its norm is rounding, not new
