@@ -62,12 +62,11 @@ class _CrossEntropyTask(Task):
         return F.cross_entropy(model(x), y, reduction="sum")
 
 
-def _kronfluence(p: Problem, strategy: str) -> np.ndarray:
+def _pairwise(p: Problem, strategy: str, query_batch: int, aggregate: bool) -> torch.Tensor:
+    """Kronfluence's pairwise scores of the training examples against the test points (summed into one query when
+    `aggregate`): factors fitted on the Hessian sample, everything on a deep copy of p.net in a temporary folder."""
     task = _CrossEntropyTask(seed=0)
     model = prepare_model(copy.deepcopy(p.net), task)  # never touch p.net
-    hessian_data = TensorDataset(p.x_hessian, p.y_hessian)
-    train_data = TensorDataset(p.x_train, p.y_train)
-    test_data = TensorDataset(p.x_test, p.y_test)
     with (
         tempfile.TemporaryDirectory(prefix="kronfluence-") as out,
         warnings.catch_warnings(),
@@ -87,7 +86,7 @@ def _kronfluence(p: Problem, strategy: str) -> np.ndarray:
         )
         analyzer.fit_all_factors(
             factors_name=strategy,
-            dataset=hessian_data,
+            dataset=TensorDataset(p.x_hessian, p.y_hessian),
             per_device_batch_size=p.batch_size,
             factor_args=FactorArguments(strategy=strategy),
             overwrite_output_dir=True,
@@ -95,16 +94,26 @@ def _kronfluence(p: Problem, strategy: str) -> np.ndarray:
         analyzer.compute_pairwise_scores(
             scores_name=f"{strategy}_scores",
             factors_name=strategy,
-            query_dataset=test_data,
-            train_dataset=train_data,
-            per_device_query_batch_size=len(test_data),
+            query_dataset=TensorDataset(p.x_test, p.y_test),
+            train_dataset=TensorDataset(p.x_train, p.y_train),
+            per_device_query_batch_size=query_batch,
             per_device_train_batch_size=p.batch_size,
-            score_args=ScoreArguments(damping_factor=p.damping, aggregate_query_gradients=True),
+            score_args=ScoreArguments(damping_factor=p.damping, aggregate_query_gradients=aggregate),
             overwrite_output_dir=True,
         )
-        scores = analyzer.load_pairwise_scores(scores_name=f"{strategy}_scores")["all_modules"]
+        return analyzer.load_pairwise_scores(scores_name=f"{strategy}_scores")["all_modules"]
+
+
+def _kronfluence(p: Problem, strategy: str) -> np.ndarray:
+    scores = _pairwise(p, strategy, query_batch=len(p.y_test), aggregate=True)
     # scores: (1, m), +∇L_Tᵀ(G+λI)⁻¹∇ℓ(z) for the one aggregated query -> msif sign (positive = harmful).
     return -scores.reshape(-1).double().numpy()
+
+
+def pairwise_per_test(p: Problem, strategy: str = "ekfac", query_batch: int = 100) -> np.ndarray:
+    """Kronfluence's pairwise scores of every training example for each test point on its own (no aggregation):
+    (m, n_test), msif's sign. Factors are fitted on the Hessian sample, as for the summed target."""
+    return -_pairwise(p, strategy, query_batch, aggregate=False).double().numpy().T  # (n_test, m) -> (m, n_test)
 
 
 METHODS: dict[str, Callable[[Problem], np.ndarray]] = {
@@ -112,45 +121,3 @@ METHODS: dict[str, Callable[[Problem], np.ndarray]] = {
     "kronfluence kfac": lambda p: _kronfluence(p, "kfac"),
     "kronfluence diagonal": lambda p: _kronfluence(p, "diagonal"),
 }
-
-
-def pairwise_per_test(p: Problem, strategy: str = "ekfac", query_batch: int = 100) -> np.ndarray:
-    """Kronfluence's pairwise scores of every training example for each test point on its own (no aggregation):
-    (m, n_test), msif's sign. Factors are fitted on the Hessian sample, as for the summed target above."""
-    task = _CrossEntropyTask(seed=0)
-    model = prepare_model(copy.deepcopy(p.net), task)
-    with (
-        tempfile.TemporaryDirectory(prefix="kronfluence-") as out,
-        warnings.catch_warnings(),
-        torch.random.fork_rng(devices=[]),
-    ):
-        warnings.filterwarnings("ignore", category=FutureWarning, message=".*GradScaler.*")
-        analyzer = Analyzer(
-            analysis_name="msif_bench_pairwise",
-            model=model,
-            task=task,
-            cpu=True,
-            log_level=logging.WARNING,
-            disable_tqdm=True,
-            output_dir=out,
-            disable_model_save=True,
-        )
-        analyzer.fit_all_factors(
-            factors_name=strategy,
-            dataset=TensorDataset(p.x_hessian, p.y_hessian),
-            per_device_batch_size=p.batch_size,
-            factor_args=FactorArguments(strategy=strategy),
-            overwrite_output_dir=True,
-        )
-        analyzer.compute_pairwise_scores(
-            scores_name=f"{strategy}_pairwise",
-            factors_name=strategy,
-            query_dataset=TensorDataset(p.x_test, p.y_test),
-            train_dataset=TensorDataset(p.x_train, p.y_train),
-            per_device_query_batch_size=query_batch,
-            per_device_train_batch_size=p.batch_size,
-            score_args=ScoreArguments(damping_factor=p.damping),
-            overwrite_output_dir=True,
-        )
-        scores = analyzer.load_pairwise_scores(scores_name=f"{strategy}_pairwise")["all_modules"]
-    return -scores.double().numpy().T  # (n_test, m) -> (m, n_test), msif's sign
