@@ -177,9 +177,12 @@ def listing_key(paths: list[Path], extra: str = "", base: Path | None = None) ->
     key = hashlib.sha256(extra.encode())
     for p in paths:
         st = p.stat()
-        name = p.relative_to(base) if base is not None and p.is_relative_to(base) else p
-        key.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        key.update(f"{_relative(p, base)}:{st.st_size}:{st.st_mtime_ns};".encode())
     return key.hexdigest()
+
+
+def _relative(path: Path, base: Path | None) -> Path:
+    return path.relative_to(base) if base is not None and path.is_relative_to(base) else path
 
 
 def tree_key(paths: list[Path], extra: str = "", base: Path | None = None, memo: Path | None = None) -> str:
@@ -195,8 +198,7 @@ def tree_key(paths: list[Path], extra: str = "", base: Path | None = None, memo:
     if stamp not in remembered:
         key = hashlib.sha256(extra.encode())
         for p in paths:
-            name = p.relative_to(base) if base is not None and p.is_relative_to(base) else p
-            key.update(f"{name}:{p.stat().st_size}:".encode())
+            key.update(f"{_relative(p, base)}:{p.stat().st_size}:".encode())
             update_with_file(key, p)
             key.update(b";")
         remembered = _read_memo(memo) | {stamp: key.hexdigest()}  # re-read: another process may have added one

@@ -580,5 +580,6 @@ def fingerprint(spec: dict) -> str:
     files = sorted(p for f in folders if f.is_dir() for p in f.rglob("*") if p.is_file())
     if not files:
         return "missing"  # loading stops with the data set's own message
-    memo = _cache_folder(spec.get("cache_dir") or os.environ.get("MSIF_CACHE")) / "fingerprints.json"
+    # the signature code passes no cache_dir, so the memo sits where MSIF_CACHE (the config's default) puts the cache
+    memo = _cache_folder(os.environ.get("MSIF_CACHE")) / "fingerprints.json"
     return formats.tree_key(files, kind, base=root, memo=memo)[:16]

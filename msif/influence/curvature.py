@@ -182,8 +182,7 @@ def target_subspace(H: CurvatureSource, curv: RitzCurvature, B: torch.Tensor, bl
     start, calls0 = time.perf_counter(), H.calls
     U = curv.vectors.to(B.device, B.dtype)
     floor = torch.finfo(B.dtype).eps ** 0.5  # a direction that keeps less of its norm is rounding, not new
-    D = B - (B @ U.T) @ U
-    D = D - (D @ U.T) @ U
+    D = _orthogonal_to(B, U)
     values, W = torch.linalg.eigh((D @ D.T).double())
     values, W = values.flip(0)[:block], W.flip(1)[:, :block]
     scale = float((B * B).sum(1).max()) if len(B) else 0.0
@@ -194,15 +193,12 @@ def target_subspace(H: CurvatureSource, curv: RitzCurvature, B: torch.Tensor, bl
         w = U.sum(0, keepdim=True)
         leak = H.matvec(w) - (curv.values.to(U.dtype) @ U).unsqueeze(0)
         Q = torch.cat([leak, Q])
-    blocks, H_blocks = [U], []
+    blocks, H_blocks = [], []
     for _ in range(steps):
         if not len(Q):
             break  # the targets' remainder lies in the space already built
-        basis = torch.cat(blocks)
         before = Q.norm(dim=1).max()
-        for _ in range(2):
-            Q = Q - (Q @ basis.T) @ basis
-        Qt, R = torch.linalg.qr(Q.T)
+        Qt, R = torch.linalg.qr(_orthogonal_to(Q, torch.cat([U, *blocks])).T)
         Q = Qt.T[R.diagonal().abs() > floor * before]
         if not len(Q):
             break
@@ -210,8 +206,7 @@ def target_subspace(H: CurvatureSource, curv: RitzCurvature, B: torch.Tensor, bl
         blocks.append(Q)
         H_blocks.append(HQ)
         Q = HQ
-    Z = torch.cat(blocks[1:]) if len(blocks) > 1 else U[:0]
-    HZ = torch.cat(H_blocks) if H_blocks else U[:0]
+    Z, HZ = torch.cat([U[:0], *blocks]), torch.cat([U[:0], *H_blocks])
     k = len(U)
     M = torch.zeros(k + len(Z), k + len(Z), dtype=torch.float64, device=B.device)
     M[:k, :k] = torch.diag(curv.values.to(M))
@@ -223,3 +218,11 @@ def target_subspace(H: CurvatureSource, curv: RitzCurvature, B: torch.Tensor, bl
     theta, V = torch.linalg.eigh(M)
     vectors = V.T.to(B.dtype) @ torch.cat([U, Z])
     return RitzCurvature(theta, vectors, H.calls - calls0, time.perf_counter() - start)
+
+
+def _orthogonal_to(Q: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """The rows of Q with their components along the orthonormal rows of `basis` removed (two Gram–Schmidt passes,
+    as in the Lanczos process, so that rounding leaves no component behind)."""
+    for _ in range(2):
+        Q = Q - (Q @ basis.T) @ basis
+    return Q

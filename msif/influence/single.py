@@ -125,7 +125,7 @@ class SingleStageInfluence:
         factors = self.trace.solves[-1].factors
         if factors is not None and len(factors[1]) < len(S):
             coefficients, basis = factors
-            scores = self.score(basis, indices) @ coefficients.T.to(basis.dtype)
+            scores = self.score(basis, indices) @ coefficients.T
         else:
             scores = self.score(S, indices)
         return scores if per_test else scores[:, 0]
