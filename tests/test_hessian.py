@@ -52,3 +52,30 @@ def test_graphs_over_the_budget_are_not_kept(problem):
     assert torch.allclose(H.matvec(v), v @ explicit, atol=1e-10)
     assert H._graphs is None and H.graph_bytes > 1024
     assert torch.allclose(H.matvec(v), v @ explicit, atol=1e-10)  # and not retried: forward-over-reverse again
+
+
+def test_graphs_are_dropped_when_the_process_outgrows_the_budget(problem, monkeypatch):
+    """The saved-tensor estimate can miss memory autograd holds: resident growth past the budget drops the graphs."""
+    from msif.influence import hessian as module
+
+    loss, point, batches, explicit = problem
+    monkeypatch.setattr(module, "_saved_bytes", lambda build: (1, build()))  # an estimate far too small
+    resident = iter(range(0, 10**9, 600))  # 600 bytes more at every reading
+    monkeypatch.setattr(module, "_resident_bytes", lambda: next(resident))
+    H = Hessian(loss, point, batches, graph_budget=1000)
+    v = torch.randn(2, point.numel(), dtype=torch.float64)
+    assert torch.allclose(H.matvec(v), v @ explicit, atol=1e-10)  # forward-over-reverse after the drop
+    assert H._graphs is None and H.graph_bytes > 1000
+    assert torch.allclose(H.matvec(v), v @ explicit, atol=1e-10)  # and not retried
+    assert H._graphs is None
+
+
+def test_resident_bytes_reads_this_process():
+    from msif.influence.hessian import _resident_bytes
+
+    before = _resident_bytes()
+    if before is None:
+        pytest.skip("no /proc here")
+    block = torch.ones(64 * 2**20 // 8, dtype=torch.float64)  # 64 MiB, touched
+    assert _resident_bytes() - before > 32 * 2**20
+    del block

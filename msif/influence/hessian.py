@@ -9,13 +9,16 @@ K vectors at once, in one of two ways with the same numbers (up to rounding):
 * otherwise forward-over-reverse (torch.func.jvp of torch.func.grad, vmapped over the K directions), which recomputes
   the batch's forward and backward for each product; memory O(parameters × K + one batch).
 
-The graph size is measured on the first batch (the bytes of the tensors autograd saves) before the others are kept;
+The graph size is estimated on the first batch (the bytes of the tensors autograd saves) before the others are kept,
+and the process's resident memory is watched while they are built (the graphs are dropped when it outgrows the budget);
 the graphs are dropped by `release()` (the solvers call it when a solve ends), so they never outlive a solve.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import time
 from pathlib import Path
 
@@ -25,6 +28,8 @@ from torch.func import grad, jvp, vmap
 from msif import distributed
 from msif.influence.batches import batch_size, leaves
 from msif.influence.params import FlatLoss
+
+log = logging.getLogger(__name__)
 
 GRAPH_BUDGET_BYTES = 2 * 2**30  # kept gradient graphs of all batches together stay under this (0: never keep them)
 
@@ -89,6 +94,7 @@ class Hessian:
         if self.graph_bytes is not None and self.graph_bytes > self.graph_budget:
             return None
         graphs = []
+        start = _resident_bytes()
         with torch.enable_grad():
             for i, batch in enumerate(mine):
                 q = self.point.clone().requires_grad_(True)
@@ -100,6 +106,18 @@ class Hessian:
                 else:
                     g = self._gradient_graph(q, batch)
                 graphs.append((q, g))
+                # The saved-tensor count misses what autograd holds outside saved tensors (on the text LSTM the
+                # 2 GiB budget let the process reach 13.9 GB resident): the process's own growth is the check.
+                grown = None if start is None else _resident_bytes() - start
+                if grown is not None and grown > self.graph_budget:
+                    log.info(
+                        "kept gradient graphs outgrew the budget (%.2f GiB after %d of %d batches): dropped",
+                        grown / 2**30,
+                        i + 1,
+                        len(mine),
+                    )
+                    self.graph_bytes = max(self.graph_bytes or 0, grown * len(mine) // (i + 1))
+                    return None
         self._graphs = graphs
         return graphs
 
@@ -158,6 +176,15 @@ class Hessian:
         cols = [self.matvec(eye[i : i + 256]) for i in range(0, self.size, 256)]
         H = torch.cat(cols)
         return (H + H.T) / 2  # symmetric up to rounding
+
+
+def _resident_bytes() -> int | None:
+    """This process's resident memory in bytes (Linux /proc), or None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _saved_bytes(build):
