@@ -79,3 +79,15 @@ def test_resident_bytes_reads_this_process():
     block = torch.ones(64 * 2**20 // 8, dtype=torch.float64)  # 64 MiB, touched
     assert _resident_bytes() - before > 32 * 2**20
     del block
+
+
+def test_a_product_applied_once_builds_no_graphs_but_uses_kept_ones(problem):
+    loss, point, batches, explicit = problem
+    H = Hessian(loss, point, batches)
+    v = torch.randn(2, point.numel(), dtype=torch.float64)
+    assert torch.allclose(H.matvec(v, once=True), v @ explicit, atol=1e-10)
+    assert H._graphs is None and H.graph_bytes is None  # forward-over-reverse, nothing built or measured
+    H.matvec(v)  # a solve's products keep them
+    kept = H._graphs
+    assert torch.allclose(H.matvec(v, once=True), v @ explicit, atol=1e-10)
+    assert H._graphs is kept

@@ -283,8 +283,7 @@ class MultiStageInfluence:
             # the features are computed once; otherwise each product runs the whole network with W at W*.
             loss, theta, batches = self._head_problem(fin_batches, embedding, batch_size)
             self.H_F = Hessian(loss, theta, batches, graph_budget=graph_budget, cache_dir=finetune_cache_dir)
-            # applied once (the mixed term): a kept graph would cost a forward and a backward and save nothing
-            self.H_F_full = Hessian(f_loss, self.fin_point, fin_batches, graph_budget=0)
+            self.H_F_full = Hessian(f_loss, self.fin_point, fin_batches, graph_budget=graph_budget)
         else:
             shift = torch.zeros_like(self.fin_point)
             shift[self.W] = 2 * self.alpha  # + 2α P_W: the proximal term's Hessian

@@ -67,10 +67,11 @@ class Hessian:
     def size(self) -> int:
         return self.point.numel()
 
-    def matvec(self, V: torch.Tensor) -> torch.Tensor:
-        """H @ v for every row v of V (K, p) -> (K, p)."""
+    def matvec(self, V: torch.Tensor, *, once: bool = False) -> torch.Tensor:
+        """H @ v for every row v of V (K, p) -> (K, p). `once`: a product not repeated, which uses graphs already
+        kept but never builds them (building one costs the forward and backward it would save)."""
         start = time.perf_counter()
-        graphs = self._kept_graphs()
+        graphs = self._graphs if once else self._kept_graphs()
         out = self._through_graphs(graphs, V) if graphs is not None else self._forward_over_reverse(V)
         distributed.all_reduce_sum(out)
         out /= self.n
@@ -116,7 +117,7 @@ class Hessian:
                         i + 1,
                         len(mine),
                     )
-                    self.graph_bytes = max(self.graph_bytes or 0, grown * len(mine) // (i + 1))
+                    self.graph_bytes = max(self.graph_bytes, grown * len(mine) // (i + 1))  # not retried
                     return None
         self._graphs = graphs
         return graphs

@@ -80,7 +80,7 @@ def mixed_term(H_F_full: Hessian, finetune_space: ParamSpace, A: torch.Tensor) -
     W = finetune_space.W
     padded = torch.zeros(len(A), finetune_space.size, dtype=A.dtype, device=A.device)
     padded[:, W.stop :] = A
-    out = H_F_full.matvec(padded)[:, W]
+    out = H_F_full.matvec(padded, once=True)[:, W]
     H_F_full.release()
     return out
 
@@ -88,7 +88,7 @@ def mixed_term(H_F_full: Hessian, finetune_space: ParamSpace, A: torch.Tensor) -
 def kept_shift(H_F: Hessian, V_W: torch.Tensor, A: torch.Tensor, W: slice, alpha: float) -> torch.Tensor:
     """Step 3 (case updated, retrain response): u = v_W − [H_F a]_W with H_F the finetune loss's own Hessian (the
     proximal 2α P_W that `H_F` carries as a shift taken off again), one HVP per target."""
-    out = V_W - H_F.matvec(A)[:, W] + 2 * alpha * A[:, W]
+    out = V_W - H_F.matvec(A, once=True)[:, W] + 2 * alpha * A[:, W]
     H_F.release()
     return out
 
