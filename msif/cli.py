@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +107,47 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class _Deferred:
+    """A SIGINT that arrived while interrupts were deferred."""
+
+    pending = False
+
+
+@contextmanager
+def deferred_interrupts():
+    """Hold Ctrl-C while Hydra composes a config and raise it afterwards. A KeyboardInterrupt raised inside
+    omegaconf's flag context managers leaves the config half-updated, and its cleanup then fails with an
+    AttributeError: the user would see a traceback instead of "interrupted"."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # not the main thread's default: leave it
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda *_: setattr(_Deferred, "pending", True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _Deferred.pending:
+        _Deferred.pending = False
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def interrupts_allowed():
+    """Inside `deferred_interrupts`: let Ctrl-C through (the stage itself), raising one that was held."""
+    held = signal.getsignal(signal.SIGINT)
+    if held is signal.default_int_handler:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        if _Deferred.pending:
+            _Deferred.pending = False
+            raise KeyboardInterrupt
+        yield
+    finally:
+        signal.signal(signal.SIGINT, held)
+
+
 def run_stage(name: str, entry: str, overrides: list[str]) -> int:
     """Run one stage's Hydra app with `overrides` as its command line."""
     import hydra
@@ -116,7 +159,8 @@ def run_stage(name: str, entry: str, overrides: list[str]) -> int:
         print_error(problem)
         return 2
     if not any(a.startswith("-") for a in overrides):  # flags (-m, --help, --cfg ...) are Hydra's to handle
-        problem = startup_problem(name, overrides)
+        with deferred_interrupts():
+            problem = startup_problem(name, overrides)
         if problem:
             print_error(problem)
             return 2
@@ -124,7 +168,7 @@ def run_stage(name: str, entry: str, overrides: list[str]) -> int:
     @hydra.main(config_path=CONF_DIR, config_name=name.replace("-", "_"), version_base="1.3")
     def app(cfg) -> None:
         try:
-            with terminal():
+            with interrupts_allowed(), terminal():
                 fn(cfg)
         except MsifError as err:
             print_error(command_line_advice(err))
@@ -142,7 +186,8 @@ def run_stage(name: str, entry: str, overrides: list[str]) -> int:
     saved = sys.argv
     sys.argv = [f"msif {name}", *overrides]
     try:
-        app()
+        with deferred_interrupts():  # Hydra composes the config again (and per job under -m) around `app`
+            app()
     except SystemExit as exit_:
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 1
     finally:

@@ -214,3 +214,28 @@ def test_a_log_or_pipe_gets_progress_lines_at_a_bounded_rate_with_count_rate_and
     assert lines[0] == "leave-one-out retrains: 5/10, 30 s elapsed, 10 s each, eta 50 s, r = +0.5"  # 2 resumed
     assert lines[-1].startswith("leave-one-out retrains: 10/10, 80 s elapsed") and "eta" not in lines[-1]
     assert len(lines) == 3  # at 30 s, 60 s and the completion (80 s)
+
+
+def test_a_ctrl_c_while_a_config_is_composed_is_held_until_composing_ends():
+    import os
+    import signal
+
+    from msif.cli import deferred_interrupts, interrupts_allowed
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)  # delivered now, in the middle of "composing"
+            reached.append("after the signal")
+    assert reached == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):  # one held before the stage starts is raised as the stage starts
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            with interrupts_allowed():
+                reached.append("the stage ran")
+    assert reached == ["after the signal"]
+    with deferred_interrupts():  # nothing pending: nothing raised, and the stage itself is interruptible
+        with interrupts_allowed():
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
