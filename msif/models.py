@@ -194,36 +194,53 @@ class LSTMEmbedding(nn.Module):
     """Text: token ids (b, L) -> token embedding -> LSTM, the hidden state at every position, followed by the
     position's token mask as one more feature (1 for a token, 0 for padding): (b, L, hidden + 1). The LSTM reads left
     to right, so the state at t has seen tokens ≤ t and predicts token t + 1 (a language model's features); a
-    classifier head pools the states of the tokens (the mask says which)."""
+    classifier head pools the states of the tokens (the mask says which).
 
-    def __init__(self, in_shape, vocab_size: int, dim: int = 128, hidden: int = 128, layers: int = 1):
+    `bidirectional` (ELMo's): a second stack of layers reads right to left, its state at t has seen tokens ≥ t and
+    predicts token t − 1; the output is (b, L, 2·hidden + 1), the forward states, then the backward ones, then the
+    mask. The backward stack starts at the last token (its state stays zero over the padding after it)."""
+
+    def __init__(
+        self, in_shape, vocab_size: int, dim: int = 128, hidden: int = 128, layers: int = 1, bidirectional=False
+    ):
         super().__init__()
         self.tokens = nn.Embedding(int(vocab_size), int(dim), padding_idx=0)
-        # the LSTM cell written out (nn.LSTM's fused kernel has no forward-mode derivative, which scoring uses)
-        self.cells = nn.ModuleList(
-            [nn.Linear(int(dim) if i == 0 else int(hidden), 4 * int(hidden)) for i in range(int(layers))]
-        )
-        self.recurrent = nn.ModuleList(
-            [nn.Linear(int(hidden), 4 * int(hidden), bias=False) for _ in range(int(layers))]
-        )
         self.hidden = int(hidden)
+        self.bidirectional = bool(bidirectional)
+        # the LSTM cell written out (nn.LSTM's fused kernel has no forward-mode derivative, which scoring uses)
+        self.cells, self.recurrent = self._stack(int(dim), int(layers))
+        if self.bidirectional:
+            self.back_cells, self.back_recurrent = self._stack(int(dim), int(layers))
+
+    def _stack(self, dim: int, layers: int) -> tuple[nn.ModuleList, nn.ModuleList]:
+        h = self.hidden
+        cells = nn.ModuleList([nn.Linear(dim if i == 0 else h, 4 * h) for i in range(layers)])
+        return cells, nn.ModuleList([nn.Linear(h, 4 * h, bias=False) for _ in range(layers)])
+
+    def _run(self, seq, mask, cells, recurrent, order) -> torch.Tensor:
+        for cell, rec in zip(cells, recurrent, strict=True):
+            inputs = cell(seq)  # (b, L, 4H): the input part of every gate at every position, at once
+            h = seq.new_zeros(len(seq), self.hidden)
+            c = seq.new_zeros(len(seq), self.hidden)
+            states = [None] * seq.shape[1]
+            for t in order:
+                i, f, g, o = (inputs[:, t] + rec(h)).chunk(4, dim=1)
+                c = (torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)) * mask[:, t]
+                h = torch.sigmoid(o) * torch.tanh(c)
+                states[t] = h
+            seq = torch.stack(states, 1)
+        return seq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = x.long()
         seq = self.tokens(ids)
-        for cell, recurrent in zip(self.cells, self.recurrent, strict=True):
-            inputs = cell(seq)  # (b, L, 4H): the input part of every gate at every position, at once
-            h = seq.new_zeros(len(ids), self.hidden)
-            c = seq.new_zeros(len(ids), self.hidden)
-            states = []
-            for t in range(ids.shape[1]):
-                i, f, g, o = (inputs[:, t] + recurrent(h)).chunk(4, dim=1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(c)
-                states.append(h)
-            seq = torch.stack(states, 1)
         mask = (ids != 0).to(seq.dtype).unsqueeze(-1)
-        return torch.cat([seq * mask, mask], -1)
+        length = ids.shape[1]
+        # padding only follows the tokens, so zeroing the cell there changes no forward state at a token
+        out = [self._run(seq, mask, self.cells, self.recurrent, range(length))]
+        if self.bidirectional:
+            out.append(self._run(seq, mask, self.back_cells, self.back_recurrent, range(length - 1, -1, -1)))
+        return torch.cat([*(o * mask for o in out), mask], -1)
 
 
 class CausalTransformerEmbedding(nn.Module):
@@ -278,27 +295,33 @@ class CausalTransformerEmbedding(nn.Module):
 
 class TokenHead(nn.Module):
     """A language model's output layer U: the logits of the next token at every position, (b, L, V), from the
-    flattened (b, L·(hidden + 1)) features of an LSTMEmbedding (its mask feature unused)."""
+    flattened (b, L·(hidden + 1)) features of an LSTMEmbedding (its mask feature unused). `bidirectional`: the
+    features hold forward and backward states, and one shared softmax gives the forward logits (the next token) then
+    the backward ones (the previous token), (b, 2L, V), as the targets of `msif.data.text.both_directions`."""
 
-    def __init__(self, in_features: int, num_classes: int, hidden: int):
+    def __init__(self, in_features: int, num_classes: int, hidden: int, bidirectional: bool = False):
         super().__init__()
-        self.width = int(hidden) + 1
+        self.directions = 2 if bidirectional else 1
+        self.width = self.directions * int(hidden) + 1
         self.out = nn.Linear(int(hidden), int(num_classes))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         states = features.view(len(features), -1, self.width)[..., :-1]
+        if self.directions == 2:
+            states = torch.cat(states.chunk(2, dim=-1), 1)  # (b, 2L, hidden): forward positions, then backward
         return self.out(states)
 
 
 class PooledHead(nn.Module):
     """A sentence classifier Θ: the mean of the token states (padding excluded), then fully connected layers
-    (`fc` widths, ReLU) to the logits (b, num_classes); the paper's NLP head is fc=[64]."""
+    (`fc` widths, ReLU) to the logits (b, num_classes); the paper's NLP head is fc=[64]. `bidirectional`: the
+    states are both directions' (2·hidden wide), as ELMo's features."""
 
-    def __init__(self, in_features: int, num_classes: int, hidden: int, fc=(64,)):
+    def __init__(self, in_features: int, num_classes: int, hidden: int, fc=(64,), bidirectional: bool = False):
         super().__init__()
-        self.width = int(hidden) + 1
+        width = (2 if bidirectional else 1) * int(hidden)
+        self.width = width + 1
         layers: list[nn.Module] = []
-        width = int(hidden)
         for h in fc:
             layers += [nn.Linear(width, int(h)), nn.ReLU()]
             width = int(h)

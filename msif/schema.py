@@ -95,6 +95,7 @@ class InfluenceDefaults:
 class TextOptions:
     vocab_size: int = at_least(5, 10000)  # tokens, the 4 special ones included
     max_len: int = at_least(1, 32)  # words kept per sentence (then </s>); longer sentences are cut
+    bidirectional: bool = False  # the language model predicts the next and the previous token (ELMo's two losses)
 
 
 @dataclass
@@ -413,6 +414,21 @@ def check_config(cfg: DictConfig) -> None:
             "a key added with + must be one msif reads.",
         ) from None
     _check_ranges(merged, schema, "")
+    _check_directions(plain)
+
+
+def _check_directions(plain: dict) -> None:
+    """A bidirectional language model's targets need a model whose output layer predicts both directions."""
+    text = (plain.get("dataset") or {}).get("text") or {}
+    model = plain.get("model") or {}
+    head = model.get("pretrain_head") or {}
+    if text.get("bidirectional") and not head.get("bidirectional"):
+        raise MsifError(
+            f"dataset.text.bidirectional=true asks for the next and the previous token, but model={model.get('name')} "
+            "predicts only the next one (its pretrain head has no bidirectional: true).",
+            "Use model=text_lstm (its LSTM reads both ways when the data set asks), or set "
+            "dataset.text.bidirectional=false.",
+        )
 
 
 def _check_ranges(node: Any, schema: type, prefix: str) -> None:

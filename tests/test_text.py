@@ -36,6 +36,30 @@ def test_the_vocabulary_is_deterministic_and_encoding_pads_and_targets_the_next_
     assert text.coverage(["a zebra"], vocab) == 0.5
 
 
+def test_a_bidirectional_language_model_reads_each_way_and_averages_the_two_losses():
+    ids = text.encode(["a cat sat", "dog"], ["<pad>", "<unk>", "<s>", "</s>", "a", "cat", "dog", "sat"], max_len=3)
+    y = text.both_directions(ids)  # next tokens | previous tokens, IGNORE at <s> and on padding
+    assert y.tolist() == [[4, 5, 7, 3, -100, -100, 2, 4, 5, 7], [6, 3, -100, -100, -100, -100, 2, 6, -100, -100]]
+    torch.manual_seed(0)
+    emb = LSTMEmbedding((5,), vocab_size=8, dim=3, hidden=4, layers=2, bidirectional=True).double()
+    out = emb(ids)
+    assert out.shape == (2, 5, 9)
+    changed = ids.clone()
+    changed[0, 1] = 6  # the token at position 1: forward states before it and backward states after it keep
+    new = emb(changed)
+    assert torch.equal(new[0, :1, :4], out[0, :1, :4]) and not torch.allclose(new[0, 1:4, :4], out[0, 1:4, :4])
+    assert torch.equal(new[0, 2:, 4:8], out[0, 2:, 4:8]) and not torch.allclose(new[0, :2, 4:8], out[0, :2, 4:8])
+    longer = torch.cat([ids, torch.zeros(2, 3, dtype=ids.dtype)], 1)  # more padding changes no state at a token
+    assert torch.allclose(emb(longer)[:, :5], out, atol=1e-14)
+    head = TokenHead(0, 8, hidden=4, bidirectional=True).double()
+    logits = head(out.flatten(1))
+    assert logits.shape == (2, 10, 8)
+    both = example_losses(logits, y)
+    fwd = example_losses(head.out(out[..., :4]), y[:, :5])
+    back = example_losses(head.out(out[..., 4:8]), y[:, 5:])
+    assert torch.allclose(both, (fwd + back) / 2)  # one shared softmax, the mean of the two directions' losses
+
+
 def test_per_sentence_losses_average_over_the_positions_with_a_target():
     logits = torch.randn(2, 4, 5, dtype=torch.float64)
     y = torch.tensor([[1, 2, -100, -100], [0, 1, 2, 3]])
@@ -64,21 +88,22 @@ V, D, H = 9, 3, 3
 EMBEDDINGS = {
     "lstm": lambda: LSTMEmbedding((6,), vocab_size=V, dim=D, hidden=H),
     "transformer": lambda: CausalTransformerEmbedding((6,), vocab_size=V, dim=H + 1, heads=2, layers=1, mlp=5),
+    "bilstm": lambda: LSTMEmbedding((6,), vocab_size=V, dim=D, hidden=H, bidirectional=True),
 }
 
 
 def lm_nets(updated: bool, kind: str = "lstm"):
     torch.manual_seed(0)
     emb = EMBEDDINGS[kind]().double()
-    width = H if kind == "lstm" else H + 1
-    pre = TwoStageNet(emb, TokenHead(6 * (width + 1), V, hidden=width).double())
+    width, both = (H + 1 if kind == "transformer" else H), kind == "bilstm"
+    pre = TwoStageNet(emb, TokenHead(0, V, hidden=width, bidirectional=both).double())
     fin_emb = EMBEDDINGS[kind]().double()
     fin_emb.load_state_dict(emb.state_dict())
     if updated:
         with torch.no_grad():
             for p in fin_emb.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-    fin = TwoStageNet(fin_emb, PooledHead(6 * (width + 1), 2, hidden=width, fc=[2]).double())
+    fin = TwoStageNet(fin_emb, PooledHead(0, 2, hidden=width, fc=[2], bidirectional=both).double())
     return pre.eval(), fin.eval()
 
 
@@ -100,7 +125,7 @@ def plain_hessian(f, q: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.autograd.grad(g[i], q, retain_graph=True)[0] for i in range(q.numel())])
 
 
-@pytest.mark.parametrize("kind", ["lstm", "transformer"])
+@pytest.mark.parametrize("kind", ["lstm", "transformer", "bilstm"])
 @pytest.mark.parametrize("case", ["fixed", "updated"])
 def test_a_language_models_scores_equal_explicit_hessians(case, kind):
     """Multi-stage influence of the sentences of an LSTM language model on a sentence classifier's test loss, by
@@ -108,7 +133,7 @@ def test_a_language_models_scores_equal_explicit_hessians(case, kind):
     parameters: explicit Hessians of the two losses and (H + λI)⁻¹."""
     pre, fin = lm_nets(case == "updated", kind)
     xp = sentences(14, 1)
-    yp = text.next_tokens(xp)
+    yp = text.both_directions(xp) if kind == "bilstm" else text.next_tokens(xp)
     xf, yf = sentences(10, 2), torch.randint(0, 2, (10,), generator=torch.Generator().manual_seed(3))
     xt, yt = sentences(4, 4), torch.tensor([0, 1, 1, 0])
     lam, alpha = 0.1, 0.2
@@ -189,6 +214,18 @@ def test_text_end_to_end_language_model_classifier_table1_and_leave_one_out(env)
     assert first["text"].iloc[0] in md
     loo = ok(msif(["validate-loo", "dataset=text_tiny", "loo.k=4", "loo.bootstrap=20", "loo.repeats=1"]))
     assert "predicted −I/m vs actual ΔL_T (text_tiny" in loo.stdout
+
+
+def test_a_bidirectional_language_model_pretrains_and_finetunes_from_the_command_line(env):
+    refused(
+        msif(["pretrain", "dataset=text_tiny", "model=text_transformer", "dataset.text.bidirectional=true"]),
+        "predicts only the next one",
+    )
+    out = ok(msif(["finetune", "dataset=text_tiny", "dataset.text.bidirectional=true", "train.pretrain.steps=150"]))
+    assert "next-token prediction" in out.stdout
+    (pre_metrics,) = (Path(env["MSIF_OUTPUTS"]) / "text_tiny").glob("*/pretrain-*/metrics.json")
+    m = json.loads(pre_metrics.read_text())
+    assert m["parameters"]["W"] > 0 and m["test"]["perplexity"] < m["unigram_test_perplexity"]
 
 
 def test_text_sources_refuse_classes_on_unlabelled_text_and_mixing_with_images(env):

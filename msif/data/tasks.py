@@ -210,6 +210,7 @@ def _text_tasks(ds: DictConfig, sources: dict[str, Source], same: bool) -> Tasks
         )
     options = ds.get("text") or {}
     size, max_len = int(options.get("vocab_size", 10000)), int(options.get("max_len", 32))
+    targets = text.both_directions if options.get("bidirectional", False) else text.next_tokens
     vocabulary = text.build_vocabulary(pre.x_train, size)
     seed = int(ds.finetune.get("subsample_seed", 0))
 
@@ -239,7 +240,7 @@ def _text_tasks(ds: DictConfig, sources: dict[str, Source], same: bool) -> Tasks
             idx = idx[torch.randperm(len(idx), generator=gen)[:n]].sort().values
         chosen = [sentences[int(i)] for i in idx]
         x = text.encode(chosen, vocabulary, max_len)
-        y = text.next_tokens(x) if source.language_model else relabel[y_all[idx]]
+        y = targets(x) if source.language_model else relabel[y_all[idx]]
         return Examples(x, y, idx, names, texts=chosen)
 
     tasks = Tasks(

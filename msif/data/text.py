@@ -207,6 +207,17 @@ def next_tokens(ids: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def both_directions(ids: torch.Tensor) -> torch.Tensor:
+    """A bidirectional language model's targets, (b, 2L): the next tokens (`next_tokens`), then at each position the
+    previous token, IGNORE at <s> and on padding. Both halves hold every sentence's n + 1 predicted tokens, so the
+    mean over a row is the average of the forward and the backward loss."""
+    back = torch.full_like(ids, IGNORE)
+    back[:, 1:] = ids[:, :-1]
+    back[ids == 0] = IGNORE
+    back[:, 0] = IGNORE
+    return torch.cat([next_tokens(ids), back], 1)
+
+
 def unigram_perplexity(train_targets: torch.Tensor, test_targets: torch.Tensor, size: int) -> float:
     """The test perplexity of the unigram model of the training targets (add-one smoothed): what a language model has
     to beat to have learned anything about context."""
