@@ -418,7 +418,8 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def _check_directions(plain: dict) -> None:
-    """A bidirectional language model's targets need a model whose output layer predicts both directions."""
+    """The language model's targets and its output layer must agree on the directions: a bidirectional data set's
+    targets hold the next and the previous token, a bidirectional head predicts both."""
     text = (plain.get("dataset") or {}).get("text") or {}
     model = plain.get("model") or {}
     head = model.get("pretrain_head") or {}
@@ -428,6 +429,12 @@ def _check_directions(plain: dict) -> None:
             "predicts only the next one (its pretrain head has no bidirectional: true).",
             "Use model=text_lstm (its LSTM reads both ways when the data set asks), or set "
             "dataset.text.bidirectional=false.",
+        )
+    if head.get("bidirectional") and not text.get("bidirectional"):
+        raise MsifError(
+            f"model={model.get('name')} predicts the next and the previous token, but the data set's targets are the "
+            "next token only (dataset.text.bidirectional is false).",
+            "Set dataset.text.bidirectional=true, and leave model.embedding.bidirectional to follow it.",
         )
 
 

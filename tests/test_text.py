@@ -221,6 +221,7 @@ def test_a_bidirectional_language_model_pretrains_and_finetunes_from_the_command
         msif(["pretrain", "dataset=text_tiny", "model=text_transformer", "dataset.text.bidirectional=true"]),
         "predicts only the next one",
     )
+    refused(msif(["pretrain", "dataset=text_tiny", "model.embedding.bidirectional=true"]), "next token only")
     out = ok(msif(["finetune", "dataset=text_tiny", "dataset.text.bidirectional=true", "train.pretrain.steps=150"]))
     assert "next-token prediction" in out.stdout
     (pre_metrics,) = (Path(env["MSIF_OUTPUTS"]) / "text_tiny").glob("*/pretrain-*/metrics.json")
