@@ -107,10 +107,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-class _Deferred:
-    """A SIGINT that arrived while interrupts were deferred."""
+_pending_interrupt = False  # a SIGINT that arrived while interrupts were deferred
 
-    pending = False
+
+def _hold_interrupt(signum, frame) -> None:
+    global _pending_interrupt
+    _pending_interrupt = True
+
+
+def _raise_held_interrupt() -> None:
+    global _pending_interrupt
+    if _pending_interrupt:
+        _pending_interrupt = False
+        raise KeyboardInterrupt
 
 
 @contextmanager
@@ -118,34 +127,30 @@ def deferred_interrupts():
     """Hold Ctrl-C while Hydra composes a config and raise it afterwards. A KeyboardInterrupt raised inside
     omegaconf's flag context managers leaves the config half-updated, and its cleanup then fails with an
     AttributeError: the user would see a traceback instead of "interrupted"."""
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # not the main thread's default: leave it
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # ignored (nohup) or someone else's
         yield
         return
-    signal.signal(signal.SIGINT, lambda *_: setattr(_Deferred, "pending", True))
+    signal.signal(signal.SIGINT, _hold_interrupt)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    if _Deferred.pending:
-        _Deferred.pending = False
-        raise KeyboardInterrupt
+    _raise_held_interrupt()
 
 
 @contextmanager
 def interrupts_allowed():
-    """Inside `deferred_interrupts`: let Ctrl-C through (the stage itself), raising one that was held."""
-    held = signal.getsignal(signal.SIGINT)
-    if held is signal.default_int_handler:
+    """Inside `deferred_interrupts`: let Ctrl-C through (the stage itself), raising one that was held. Elsewhere
+    (Ctrl-C ignored, as under nohup, or handled by someone else) it changes nothing."""
+    if signal.getsignal(signal.SIGINT) is not _hold_interrupt:
         yield
         return
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        if _Deferred.pending:
-            _Deferred.pending = False
-            raise KeyboardInterrupt
+        _raise_held_interrupt()
         yield
     finally:
-        signal.signal(signal.SIGINT, held)
+        signal.signal(signal.SIGINT, _hold_interrupt)
 
 
 def run_stage(name: str, entry: str, overrides: list[str]) -> int:

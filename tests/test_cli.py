@@ -222,20 +222,41 @@ def test_a_ctrl_c_while_a_config_is_composed_is_held_until_composing_ends():
 
     from msif.cli import deferred_interrupts, interrupts_allowed
 
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    reached = []
-    with pytest.raises(KeyboardInterrupt):
-        with deferred_interrupts():
-            os.kill(os.getpid(), signal.SIGINT)  # delivered now, in the middle of "composing"
-            reached.append("after the signal")
-    assert reached == ["after the signal"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    with pytest.raises(KeyboardInterrupt):  # one held before the stage starts is raised as the stage starts
-        with deferred_interrupts():
-            os.kill(os.getpid(), signal.SIGINT)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as an interactive `msif` starts
+    try:
+        reached = []
+        with pytest.raises(KeyboardInterrupt):
+            with deferred_interrupts():
+                os.kill(os.getpid(), signal.SIGINT)  # delivered now, in the middle of "composing"
+                reached.append("after the signal")
+        assert reached == ["after the signal"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):  # one held before the stage starts is raised as the stage starts
+            with deferred_interrupts():
+                os.kill(os.getpid(), signal.SIGINT)
+                with interrupts_allowed():
+                    reached.append("the stage ran")
+        assert reached == ["after the signal"]
+        with deferred_interrupts():  # nothing pending: nothing raised, and the stage itself is interruptible
             with interrupts_allowed():
-                reached.append("the stage ran")
-    assert reached == ["after the signal"]
-    with deferred_interrupts():  # nothing pending: nothing raised, and the stage itself is interruptible
-        with interrupts_allowed():
-            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+                assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_a_ctrl_c_that_the_user_ignores_stays_ignored():
+    """Started under nohup (or in a script's background) Ctrl-C is ignored: msif must not turn it back on."""
+    import os
+    import signal
+
+    from msif.cli import deferred_interrupts, interrupts_allowed
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with deferred_interrupts():
+            with interrupts_allowed():
+                assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+                os.kill(os.getpid(), signal.SIGINT)  # ignored: nothing raised, now or later
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
