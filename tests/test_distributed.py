@@ -32,7 +32,8 @@ def table(root: Path) -> tuple[pd.DataFrame, dict]:
 @pytest.mark.parametrize(
     "args",
     [
-        ["dataset=digits", "dtype=float64", "case=fixed", "score.part_rows=100"],
+        # the digits cases (a conv net, a minute here) are slow; the tiny per-test case keeps torchrun in the fast suite
+        pytest.param(["dataset=digits", "dtype=float64", "case=fixed", "score.part_rows=100"], marks=pytest.mark.slow),
         # the solves stop at a relative residual of solver.*.tol, so equality to 1e-6 needs a tol well below it:
         # summing the Hessian in another order moves where CG stops by about the tolerance
         pytest.param(

@@ -14,8 +14,12 @@ from tests.helpers.cli import msif, refused
 
 @pytest.mark.parametrize(
     "only",
-    # the fast suite: one experiment of every kind but cleansing (its retrains are tested in test_cleanse.py)
-    [["fig2a", "fig3", "fig4", "fig5", "lds", "faults", "table1"], pytest.param(None, marks=pytest.mark.slow)],
+    # one experiment of every kind but cleansing (its retrains are tested in test_cleanse.py), and the whole plan;
+    # both slow (40-70 s here): the fast suite checks that every plan composes and validates
+    [
+        pytest.param(["fig2a", "fig3", "fig4", "fig5", "lds", "faults", "table1"], marks=pytest.mark.slow),
+        pytest.param(None, marks=pytest.mark.slow),
+    ],
     ids=["every-kind", "whole-plan"],
 )
 def test_the_tiny_plan_makes_every_figure_and_the_report_table(only, env, tmp_path):
