@@ -34,10 +34,25 @@ def test_every_yaml_starts_with_a_comment_saying_what_it_is_for(path: Path):
     assert first.startswith("# ") and len(first) > 30, f"{path} should start with a comment saying what it is for"
 
 
-@pytest.mark.parametrize("stage", [s for s, st in STAGES.items() if st.entry])
-@pytest.mark.parametrize("dataset", options("dataset"))
-@pytest.mark.parametrize("case", options("case"))
-@pytest.mark.parametrize("profile", ["cpu", "paper"])
+def composition_matrix() -> list:
+    """Every (stage, data set, case, profile). Composing takes half a second, so the fast suite takes a covering
+    subset: every stage with every data set, the (case, profile) pair turning with both, so that every data set meets
+    every (case, profile) pair and every stage meets each pair too; the rest of the product is in the slow suite."""
+    stages = [s for s, st in STAGES.items() if st.entry]
+    pairs = [(c, p) for c in options("case") for p in ["cpu", "paper"]]
+    params = []
+    for i, stage in enumerate(stages):
+        for j, dataset in enumerate(options("dataset")):
+            covering = pairs[(i + j) % len(pairs)]
+            for pair in pairs:
+                marks = () if pair == covering else (pytest.mark.slow,)
+                params.append(
+                    pytest.param(stage, dataset, *pair, marks=marks, id=f"{stage}-{dataset}-{'-'.join(pair)}")
+                )
+    return params
+
+
+@pytest.mark.parametrize("stage, dataset, case, profile", composition_matrix())
 def test_every_stage_dataset_case_profile_composes_and_resolves(stage, dataset, case, profile):
     # `own` is the base of a user's own data (README): it names no network or recipe of its own, the user's
     # experiment config chooses them
