@@ -8,6 +8,7 @@ typed settings (msif.influence.settings). Model factories take free-form argumen
 msif.models), so `model.embedding` and `model.head` are checked when the network is built.
 """
 
+import importlib
 import math
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -131,10 +132,15 @@ class Recipe:
 
 
 @dataclass
+class FinetuneRecipe(Recipe):
+    standardize: bool = False  # fix the head's input map to the training features' mean and spread (text heads)
+
+
+@dataclass
 class Train:
     name: str = ""
     pretrain: Recipe = field(default_factory=Recipe)
-    finetune: Recipe = field(default_factory=Recipe)
+    finetune: FinetuneRecipe = field(default_factory=FinetuneRecipe)
     eval_batch_size: int = at_least(1, 2048)
 
 
@@ -415,6 +421,27 @@ def check_config(cfg: DictConfig) -> None:
         ) from None
     _check_ranges(merged, schema, "")
     _check_directions(plain)
+    _check_standardize(plain)
+
+
+def _check_standardize(plain: dict) -> None:
+    """train.finetune.standardize needs a finetune head that has an input map to fix (PooledHead's `standardize`)."""
+    if not ((plain.get("train") or {}).get("finetune") or {}).get("standardize"):
+        return
+    model = plain.get("model") or {}
+    head = model.get("finetune_head") or model.get("head") or {}
+    target = str(head.get("_target_", ""))
+    module, _, name = target.rpartition(".")
+    try:
+        found = hasattr(getattr(importlib.import_module(module), name), "standardize")
+    except (ImportError, AttributeError, ValueError):
+        found = True  # an unimportable head is reported where the network is built, with its own paragraph
+    if not found:
+        raise MsifError(
+            f"train.finetune.standardize=true fixes the finetune head's input map, but model={model.get('name')}'s "
+            f"head {target} has none (no `standardize` method).",
+            "Set train.finetune.standardize=false, or use a head that standardizes its input (msif.models.PooledHead).",
+        )
 
 
 def _check_directions(plain: dict) -> None:

@@ -273,6 +273,9 @@ def finetune_from(cfg: DictConfig, tasks: Tasks, embedding, seed: int, device, d
         device
     )
     x, y = task.train.x.to(device), task.train.y.to(device)
+    if cfg.train.finetune.get("standardize", False):  # the head's fixed input map, from W's training features
+        with torch.no_grad():
+            net.head.standardize(embed(net.embedding, x, cfg.train.eval_batch_size))
     return net, train_finetune_net(net, cfg, x, y, seed, show_progress=show_progress)
 
 

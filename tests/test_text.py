@@ -4,6 +4,7 @@ on the generated corpus."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -104,6 +105,9 @@ def lm_nets(updated: bool, kind: str = "lstm"):
             for p in fin_emb.parameters():
                 p.add_(0.05 * torch.randn_like(p))
     fin = TwoStageNet(fin_emb, PooledHead(0, 2, hidden=width, fc=[2], bidirectional=both).double())
+    with torch.no_grad():  # a fixed input map as train.finetune.standardize sets: constants, not parameters of Θ
+        fin.head.shift.normal_()
+        fin.head.scale.uniform_(0.5, 2.0)
     return pre.eval(), fin.eval()
 
 
@@ -227,6 +231,42 @@ def test_a_bidirectional_language_model_pretrains_and_finetunes_from_the_command
     (pre_metrics,) = (Path(env["MSIF_OUTPUTS"]) / "text_tiny").glob("*/pretrain-*/metrics.json")
     m = json.loads(pre_metrics.read_text())
     assert m["parameters"]["W"] > 0 and m["test"]["perplexity"] < m["unigram_test_perplexity"]
+
+
+def test_the_classifier_fixes_its_input_map_from_the_training_features_once(env):
+    """train.finetune.standardize: the pooled training features of W, recomputed here by hand, have the head's shift
+    as mean and its scale as standard deviation; the map is saved, loaded, and left alone by later training; a head
+    saved before the map existed loads as the identity; a head without one is refused before any work."""
+    from msif.lifecycle import Context
+    from msif.models import build_pretrain_net
+    from msif.training import finetune_from, train_finetune_net
+    from tests.helpers.configs import compose_cfg
+
+    cfg = compose_cfg("finetune", ["dataset=text_tiny"])
+    assert cfg.train.finetune.standardize
+    ctx = Context(cfg)
+    tasks = ctx.tasks(cfg)
+    pre = build_pretrain_net(cfg.model, tasks.input_shape, tasks.pretrain.num_classes, 0)  # an untrained W will do
+    net, _ = finetune_from(cfg, tasks, pre.embedding, 0, torch.device("cpu"), torch.float32, show_progress=False)
+    x = tasks.finetune.train.x
+    with torch.no_grad():
+        states = pre.embedding(x)[..., :-1]
+        tokens = (x != 0).float().unsqueeze(-1)
+        pooled = (states * tokens).sum(1) / tokens.sum(1)
+    assert torch.allclose(net.head.shift, pooled.mean(0), atol=1e-6)
+    assert torch.allclose(net.head.scale, pooled.std(0), rtol=1e-5)
+    shift = net.head.shift.clone()
+    train_finetune_net(net, cfg, x, tasks.finetune.train.y, 0, steps=3, show_progress=False)  # a retrain's steps
+    assert torch.equal(net.head.shift, shift)
+    again = copy.deepcopy(net.head)
+    with torch.no_grad():
+        again.shift.zero_()
+    again.load_state_dict(net.head.state_dict())
+    assert torch.equal(again.shift, shift)
+    old = {k: v for k, v in net.head.state_dict().items() if k not in ("shift", "scale")}
+    again.load_state_dict(old)
+    assert (again.shift == 0).all() and (again.scale == 1).all()
+    refused(msif(["finetune", "dataset=digits", "+train.finetune.standardize=true"]), "has none")
 
 
 def test_text_sources_refuse_classes_on_unlabelled_text_and_mixing_with_images(env):
