@@ -23,8 +23,10 @@ demo: install  ## the main job on the embedded 8x8 digits (no download): pretrai
 	$(BIN)/msif influence case=fixed
 	$(BIN)/msif influence case=updated
 
-test: install  ## the fast test suite (about 3 minutes on 2 cores)
-	$(BIN)/python -m pytest -m "not slow and not faults" -q
+TEST_WORKERS ?= auto
+
+test: install  ## the fast test suite, one worker process per core (TEST_WORKERS=0: all in this process)
+	$(BIN)/python -m pytest -m "not slow and not faults" -q -n $(TEST_WORKERS)
 
 coverage: install  ## the fast suite under coverage.py (subprocesses included), then the line-coverage report
 	rm -rf .coverage && mkdir -p .coverage
