@@ -191,14 +191,19 @@ def train_finetune_net(
     seed: int,
     steps: int | None = None,
     show_progress: bool = True,
+    standardize: bool = False,
 ) -> dict:
     """Finetune `net` in place as the case says: Θ alone on features computed once (fixed), or W and Θ together,
-    with the proximal term α‖W − W̄‖² around the starting embedding W̄ when `case.proximal` (updated)."""
+    with the proximal term α‖W − W̄‖² around the starting embedding W̄ when `case.proximal` (updated).
+    `standardize` (a fresh head; a retrain keeps its map) first fixes the head's input map from the starting W's
+    training features."""
     t = cfg.train.finetune
     if cfg.case.name != "updated":
         for p in net.embedding.parameters():
             p.requires_grad_(False)
         features = embed(net.embedding, x, cfg.train.eval_batch_size)  # W is frozen: embed once, train Θ only
+        if standardize:
+            net.head.standardize(features)
         return fit(
             net.head,
             list(net.head.parameters()),
@@ -210,6 +215,9 @@ def train_finetune_net(
             steps=steps,
             show_progress=show_progress,
         )
+    if standardize:
+        with torch.no_grad():
+            net.head.standardize(embed(net.embedding, x, cfg.train.eval_batch_size))
     penalty = None
     if cfg.case.get("proximal", False):
         alpha = float(cfg.case.alpha)
@@ -273,10 +281,8 @@ def finetune_from(cfg: DictConfig, tasks: Tasks, embedding, seed: int, device, d
         device
     )
     x, y = task.train.x.to(device), task.train.y.to(device)
-    if cfg.train.finetune.get("standardize", False):  # the head's fixed input map, from W's training features
-        with torch.no_grad():
-            net.head.standardize(embed(net.embedding, x, cfg.train.eval_batch_size))
-    return net, train_finetune_net(net, cfg, x, y, seed, show_progress=show_progress)
+    standardize = bool(cfg.train.finetune.get("standardize", False))
+    return net, train_finetune_net(net, cfg, x, y, seed, show_progress=show_progress, standardize=standardize)
 
 
 def batch_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
