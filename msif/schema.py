@@ -174,7 +174,7 @@ class Budget:
     cg_iterations: int = at_least(1, 50)
     lanczos_steps: int = at_least(1, 100)
     pretrain_hessian_sample: dict[str, Any] = field(default_factory=dict)  # per data set: an int >= 1 or null
-    finetune_hessian_sample: int | None = at_least(1, None)
+    finetune_hessian_sample: dict[str, Any] = field(default_factory=dict)  # per data set and case: int >= 1 or null
 
 
 @dataclass

@@ -14,6 +14,8 @@ from msif.config import CONF_DIR, validate_config
 from msif.errors import MsifError
 from msif.stages.reproduce import compose_stage
 
+CASES = ("fixed", "updated")
+
 
 def test_every_shipped_config_file_says_in_its_first_line_what_it_is_for():
     """(After Hydra's `# @package` header, which must come first.)"""
@@ -35,6 +37,10 @@ def test_the_profile_sets_training_steps_loo_steps_and_budgets():
     assert paper.solver.pretrain.iterations == 200 and paper.hessian.finetune_sample is None
     fixed = compose_stage("validate-loo", ["dataset=cifar", "case=fixed", "profile=paper"])
     assert fixed.loo.finetune_steps == 3000 and fixed.solver.pretrain.iterations == 400
+    # cpu: CIFAR-10 case updated's finetune Hessian on a sample (whole-network HVPs), its head-only case fixed on all
+    sample = {c: compose_stage("influence", ["dataset=cifar", f"case={c}"]).hessian.finetune_sample for c in CASES}
+    assert sample == {"fixed": None, "updated": 2500}
+    assert compose_stage("influence", ["dataset=mnist", "case=updated"]).hessian.finetune_sample is None
     cpu = compose_stage("influence", ["dataset=mnist", "case=fixed"])
     assert cpu.profile.name == "cpu" and cpu.train.pretrain.steps == 300 and cpu.train.finetune.steps == 2000
     assert (
