@@ -176,6 +176,9 @@ def main() -> None:
     )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    from msif.allocator import keep_freed_memory
+
+    allocator = keep_freed_memory()  # as the msif command does (MSIF_KEEP_FREED_MEMORY=0: glibc's defaults)
     from rich.console import Console
 
     from msif.io import atomic_write_json, atomic_write_text
@@ -195,7 +198,8 @@ def main() -> None:
     if wanted("scoring"):
         rows.append(scoring_row(console))
     out = Path(os.environ.get("MSIF_OUTPUTS", "outputs")) / "benchmarks"
-    record = {"rows": rows, "threads": args.threads, "paper_cifar_seconds": PAPER_CIFAR_SECONDS}
+    record = {"rows": rows, "threads": args.threads, "paper_cifar_seconds": PAPER_CIFAR_SECONDS,
+              "keep_freed_memory": allocator}  # fmt: skip
     atomic_write_json(record, out / "speed.json")
     atomic_write_text(markdown(rows, args.threads), out / "speed.md")
     console.print(markdown(rows, args.threads))

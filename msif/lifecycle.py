@@ -33,6 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from msif import distributed
+from msif.allocator import keep_freed_memory
 from msif.config import resolve_device, resolve_dtype, signature, validate_config
 from msif.console import console, say
 from msif.data import Tasks, build_tasks
@@ -271,6 +272,7 @@ def _die_with(parent: int) -> None:
 def _start_worker(config: str, threads: int, state: Callable[[DictConfig, Context], Any], parent: int) -> None:
     global _worker_state
     _die_with(parent)
+    keep_freed_memory()  # as the CLI process does (msif/allocator.py)
     torch.set_num_threads(threads)
     cfg = OmegaConf.create(config)
     _worker_state = state(cfg, Context(cfg))
