@@ -75,7 +75,7 @@ bench-targets: install  ## per-test influence for 1, 10, 100, 1000 test points: 
 	$(BIN)/python benchmarks/many_targets.py
 
 bench-speed: bench-venv  ## the speed goals in one run: 1,000 targets, CIFAR-10 both cases, exact on digits, scoring (~20 min)
-	$(BENCH_VENV)/bin/python benchmarks/speed.py
+	$(BENCH_VENV)/bin/python benchmarks/speed.py --check 10 --blocks 100,32,2 50,32,2
 
 PROFILE ?= cpu
 

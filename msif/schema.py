@@ -237,7 +237,7 @@ class HessianSample:
     finetune_sample: int | None = at_least(1, None)
     seed: int = 0
     batch_size: int = at_least(1, 100)
-    graph_budget_gib: float | None = at_least(0.0, 2.0)
+    graph_budget_gib: float | None = at_least(0.0, 6.0)
 
 
 @dataclass
