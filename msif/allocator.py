@@ -4,7 +4,7 @@ PyTorch's CPU tensors come from glibc malloc. By default glibc maps buffers abov
 kernel and unmaps them when freed, and returns freed memory at the top of its heap, so a loop of Hessian-vector
 products whose temporaries differ in size and lifetime touches new pages on every product. Measured on the MNIST
 network (1,000-example Hessian, 2 threads): 123,000 page faults and 0.36 s of system time per product, a quarter of
-its wall time; with buffers below 32 MiB served from the heap and the heap never trimmed, 461 faults, no system
+its CPU time; with buffers below 32 MiB served from the heap and the heap never trimmed, 461 faults, no system
 time, and products 20-25% faster (docs/speed.md). The cost: memory msif frees stays with the process (its resident
 size stays at its peak) until it exits, where it is reused by the next allocation.
 

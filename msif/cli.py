@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             "torchrun (validate-loo and cleanse spread their retrains over loo.workers / cleanse.workers processes)."
         )
         return 2
-    keep_freed_memory()  # page faults were a quarter of an HVP's time (msif/allocator.py)
+    keep_freed_memory()  # page faults were a quarter of an HVP's CPU time (msif/allocator.py)
     try:
         return run_stage(name, stage.entry, rest)
     except KeyboardInterrupt:  # Ctrl-C while starting up (imports, composing the config): nothing was written yet
