@@ -274,3 +274,36 @@ def test_a_damaged_score_table_is_refused_on_reuse_and_recomputed_with_force(env
     refused(msif(["influence", *TINY]), "scores.parquet", "force=true")
     ok(msif(["influence", *TINY, "force=true"]))
     pd.testing.assert_frame_equal(influence(compose_cfg("influence", TINY)).scores, table)
+
+
+def test_per_test_lowrank_scores_the_examples_against_the_basis_with_the_same_numbers(
+    env, prebuilt, monkeypatch, capsys
+):
+    """Per-test targets solved by lowrank (s = C U, fewer basis vectors U than the 90 test points) are scored against
+    U and combined by C: the table equals the one that scores every target's s, from fewer scoring directions."""
+    import importlib
+
+    from msif.influence.api import MultiStageInfluence
+
+    stage = importlib.import_module("msif.stages.influence")
+
+    prebuilt("finetune", TINY)
+    lowrank = ["solver=lowrank", "solver.pretrain.rank=5", "solver.pretrain.block=6", "solver.pretrain.steps=3"]
+    overrides = [*TINY, *lowrank, "solver.finetune.rank=200", "target.per_test=true", "response.kind=inverse"]
+    directions, original = [], MultiStageInfluence.score
+
+    def counting(self, S, indices=None):
+        directions.append(len(S))
+        return original(self, S, indices)
+
+    monkeypatch.setattr(MultiStageInfluence, "score", counting)
+    through_basis = influence(compose_cfg("influence", overrides)).scores
+    assert "through the solve's" in capsys.readouterr().out
+    assert max(directions) <= 5 + (6 + 1) * 3 < 90  # rank + (block + 1) × steps
+    directions.clear()
+    monkeypatch.setattr(stage, "factored", lambda S, report: None)
+    every_target = influence(compose_cfg("influence", [*overrides, "force=true"])).scores
+    assert min(directions) == 90 and through_basis["test_index"].nunique() == 90
+    scale = every_target["score"].abs().max()
+    assert (through_basis["score"] - every_target["score"]).abs().max() < 1e-10 * scale
+    pd.testing.assert_frame_equal(through_basis, every_target, rtol=1e-8, atol=1e-12 * scale)  # ranks, effects, ...

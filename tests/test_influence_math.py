@@ -310,3 +310,19 @@ def test_scores_are_signed_as_in_math_md():
     assert scores[z] > 0 and removed < base
     predicted = -float(scores[z]) / m  # first order in ε = −1/m, a large step on 48 examples: same sign and size
     assert 0.5 < (removed - base) / predicted < 2.0
+
+
+def test_many_targets_through_the_pretrain_basis_give_the_explicit_per_test_scores(problem):
+    """`lowrank` on H_G with too few Ritz pairs, grown by Krylov blocks of the targets' remainder until the space is
+    whole: the 52 per-test scores are the explicit Hessians', though the examples are scored against the basis
+    vectors and combined (fewer basis vectors than targets), and they sum to the summed target's explicit score."""
+    x_T, y_T = torch.cat([problem.xf, problem.xt]), torch.cat([problem.yf, problem.yt])
+    lowrank = {"method": "lowrank", "damping": 0.02, "normal": False, "rank": 4, "block": 4, "steps": 12}
+    msi = problem.msif({"pretrain": lowrank, "finetune": exact(0.02, 0.02)["finetune"]})
+    scores = msi.influence(x_T, y_T, per_test=True)
+    coefficients, basis = msi.trace.solves[-1].factors
+    assert len(basis) < len(y_T) == 52  # scored as the basis vectors, not as the 52 targets
+    dense = problem.msif(exact(0.02, 0.02)).influence(x_T, y_T, per_test=True)
+    assert rel(scores, dense) < 1e-8
+    theirs = explicit_scores(problem, problem.case, problem.alpha, 0.02, 0.02)  # the summed target: problem.xt
+    assert rel(scores[:, len(problem.yf) :].sum(1), theirs) < 1e-8

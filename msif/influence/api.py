@@ -59,7 +59,7 @@ from msif.influence.params import (
     summed_loss,
 )
 from msif.influence.scoring import METHODS as SCORE_METHODS
-from msif.influence.scoring import score_network
+from msif.influence.scoring import score_network, score_solved
 from msif.influence.settings import SETTINGS, SolverSettings, solver_settings
 
 CASES = ("fixed", "updated")
@@ -375,8 +375,11 @@ class MultiStageInfluence:
 
     def influence(self, x_T, y_T=None, per_test: bool = False, indices: torch.Tensor | None = None) -> torch.Tensor:
         """I(z, T) for every pretraining example z (or `indices`): (m,) for the summed target, (m, |T|) per test.
-        The target is (x_T, y_T) tensors, or any test data passed as x_T alone."""
-        scores = self.score(self.target_vectors(x_T, y_T, per_test), indices)
+        The target is (x_T, y_T) tensors, or any test data passed as x_T alone. When the pretrain solve answered
+        with fewer basis vectors than targets (`lowrank`: s = C U), the examples are scored against the basis and
+        the scores combined by C: the same numbers up to rounding, fewer passes."""
+        S = self.target_vectors(x_T, y_T, per_test)
+        scores = score_solved(self.score, S, self.trace.solves[-1], indices)
         return scores if per_test else scores[:, 0]
 
 

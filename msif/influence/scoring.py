@@ -36,6 +36,25 @@ AUTO_MEASURE_MAX_K = 64  # auto measures both ways only up to this many targets;
 METHODS = ("auto", "jvp", "per_example")
 
 
+def factored(S: torch.Tensor, report) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(C, U) when the solve that gave S answered S = C U with fewer basis rows U than targets (`lowrank`), else
+    None. A score is linear in s, so scoring the examples against U and combining by Cᵀ gives the same numbers up
+    to rounding, in len(U) directions instead of len(S)."""
+    factors = getattr(report, "factors", None)
+    if factors is None or len(factors[1]) >= len(S):
+        return None
+    return factors
+
+
+def score_solved(score: Callable, S: torch.Tensor, report, indices=None) -> torch.Tensor:
+    """score(S, indices), through the solve's basis when it has fewer rows than S (`factored`)."""
+    factors = factored(S, report)
+    if factors is None:
+        return score(S, indices)
+    coefficients, basis = factors
+    return score(basis, indices) @ coefficients.T.to(basis.dtype)
+
+
 def score_examples(
     per_example: FlatLoss,
     summed: FlatLoss,

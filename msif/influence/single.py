@@ -31,7 +31,7 @@ from msif.influence.batches import Examples, to_device
 from msif.influence.hessian import GRAPH_BUDGET_BYTES, Hessian
 from msif.influence.multistage import Trace, target_gradient
 from msif.influence.params import Objective, ParamSpace, cross_entropy, summed_loss
-from msif.influence.scoring import score_network
+from msif.influence.scoring import score_network, score_solved
 from msif.influence.settings import SolverSettings, solver_settings
 from msif.influence.solvers import solve
 
@@ -122,10 +122,5 @@ class SingleStageInfluence:
         When the solver answered with fewer basis vectors than targets (`lowrank`: X = C U), the examples are
         scored against the basis and the scores combined by C: the same numbers up to rounding, fewer passes."""
         S = self.target_vectors(x_T, y_T, per_test)
-        factors = self.trace.solves[-1].factors
-        if factors is not None and len(factors[1]) < len(S):
-            coefficients, basis = factors
-            scores = self.score(basis, indices) @ coefficients.T
-        else:
-            scores = self.score(S, indices)
+        scores = score_solved(self.score, S, self.trace.solves[-1], indices)
         return scores if per_test else scores[:, 0]

@@ -23,6 +23,7 @@ from msif.config import influence_settings, response_solvers, solver_group, to_p
 from msif.console import console, say
 from msif.errors import MsifError
 from msif.influence import MultiStageInfluence, SingleStageInfluence
+from msif.influence.scoring import factored
 from msif.io import atomic_write_json, atomic_write_text
 from msif.lifecycle import Context, Stage, run
 from msif.resume import score_in_parts, solve_targets
@@ -122,7 +123,13 @@ class Influence(Stage):
         chunk = len(targets) if no_solve else int(cfg.target.chunk)
         per_test = bool(cfg.target.per_test)
         S = solve_targets(msi, test.x[targets], test.y[targets], targets, per_test, chunk, partial)
-        scores = score_in_parts(msi, S, score_rows, int(cfg.score.part_rows), partial)  # None off process 0
+        # lowrank answers S = C U: score the examples against the basis U when it has fewer rows than S
+        factors = factored(S, msi.trace.solves[-1]) if chunk >= len(targets) else None
+        scored = S if factors is None else factors[1]
+        scores = score_in_parts(msi, scored, score_rows, int(cfg.score.part_rows), partial)  # None off process 0
+        if factors is not None and scores is not None:
+            scores = scores @ factors[0].T.to(scores.dtype)
+            say(f"influence: scored the {len(S):,} targets through the solve's {len(scored):,} basis vectors")
         if not distributed.is_main():
             distributed.barrier()  # until process 0 has written the table
             return InfluenceResult(folder.path, read_json(folder.path / "summary.json"))
