@@ -17,6 +17,9 @@ Rows, each timed end to end in this one process (2 threads unless --threads):
 * `exact digits`: `solver=exact` on the embedded 8x8 digits, case fixed (a 5,316-parameter pretrain Hessian).
 * `scoring`: msif scoring of all MNIST pretraining examples against the fastest plain forward pass over them, and
   its peak memory while scoring m, 2m and 4m examples from a memory-mapped file (benchmarks/peers.py's worker).
+* `calibration`, first and last: a fixed float32 matrix product and a fixed forward pass of the MNIST network, so
+  runs on different days (this machine's speed has varied by 1.8x) and drift within one run can be told apart from
+  changes in msif.
 
 Results: <outputs>/benchmarks/speed.json and speed.md (the table the README shows).
 """
@@ -145,6 +148,40 @@ def scoring_row(console) -> dict:
     return row
 
 
+def calibration_row(when: str, console) -> dict:
+    """The machine's speed now: the best of 5 float32 products of two 1,024 x 1,024 matrices, and the best of 5
+    forward passes of the MNIST network over 1,024 fixed random images (no data, no msif code)."""
+    from omegaconf import OmegaConf
+
+    import msif
+    from msif.models import build_pretrain_net
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
+    model = OmegaConf.load(Path(msif.__file__).parent / "conf" / "model" / "mnist.yaml")
+    net = build_pretrain_net(model, (1, 28, 28), 4, seed=0)
+    x = torch.randn(1024, 1, 28, 28, generator=g)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    matmul = best(lambda: a @ b)
+    with torch.no_grad():
+        forward = best(lambda: net(x))
+    row = {
+        "row": f"calibration ({when}): MNIST network forward over 1,024 images",
+        "seconds": forward,
+        "note": f"matmul 1,024^3: {2 * 1024**3 / matmul / 1e9:.1f} GFLOP/s",
+    }
+    console.print(row)
+    return row
+
+
 def markdown(rows: list[dict], threads: int) -> str:
     lines = [
         f"| row | seconds | r mean / min vs converged | largest residual | note |  (`benchmarks/speed.py`, {threads} "
@@ -185,7 +222,7 @@ def main() -> None:
 
     console = Console(width=150)
     wanted = lambda name: not args.only or any(w in name for w in args.only)  # noqa: E731
-    rows: list[dict] = []
+    rows: list[dict] = [calibration_row("first", console)]
     if wanted("targets"):
         rows += targets_rows(args, console)
     for case in ("fixed", "updated"):
@@ -197,6 +234,7 @@ def main() -> None:
                                                                           "solver=exact"], console))  # fmt: skip
     if wanted("scoring"):
         rows.append(scoring_row(console))
+    rows.append(calibration_row("last", console))
     out = Path(os.environ.get("MSIF_OUTPUTS", "outputs")) / "benchmarks"
     record = {"rows": rows, "threads": args.threads, "paper_cifar_seconds": PAPER_CIFAR_SECONDS,
               "keep_freed_memory": allocator}  # fmt: skip
