@@ -4,20 +4,32 @@ A seeded fraction of the pretraining labels is changed to another class (msif.da
 are retrained on the damaged set, and the influence scores are asked to find the damage: the share of the flipped
 examples among the top q of the pretraining set by score (harmful first; q = 10% is the figure Kronfluence reports
 for single-stage mislabel detection), the whole curve of fraction inspected against fraction found, and the same
-by |score|. A random ordering finds q of them in the top q.
+by |score|. A random ordering finds q of them in the top q. The baseline a user would try first, the damaged
+pretrained model's own loss on each example (a flipped label is one it finds hard), is ranked the same way, so the
+table shows what the multi-stage scores add to it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pandas as pd
+import torch
 
 CURVE_POINTS = 200
 
 
-def recovery(scores: pd.DataFrame, flipped: np.ndarray, m: int, inspect: list[float]) -> dict:
+def recovery(
+    scores: pd.DataFrame,
+    flipped: np.ndarray,
+    m: int,
+    inspect: list[float],
+    baselines: Mapping[str, np.ndarray] | None = None,
+) -> dict:
     """The share of the flipped rows among the top q·m pretraining examples, for each q in `inspect`, ordered by
-    score (largest first: the harmful end) and by |score|; with the curve over q in (0, 1]."""
+    score (largest first: the harmful end), by |score|, and by each baseline (name -> one value per pretraining row,
+    largest first: `by_<name>`); with the curve over q in (0, 1]."""
     flipped = np.asarray(flipped, dtype=np.int64)
     is_flipped = np.zeros(m, dtype=bool)
     is_flipped[flipped] = True
@@ -25,7 +37,10 @@ def recovery(scores: pd.DataFrame, flipped: np.ndarray, m: int, inspect: list[fl
     index, values = rows["index"].to_numpy(), rows["score"].to_numpy(np.float64)
     out: dict = {"flipped": len(flipped), "m": m, "inspect": [float(q) for q in inspect]}
     grid = np.linspace(1 / CURVE_POINTS, 1.0, CURVE_POINTS)
-    for name, key in (("by_score", -values), ("by_abs_score", -np.abs(values))):
+    orderings = [("by_score", -values), ("by_abs_score", -np.abs(values))]
+    orderings += [(f"by_{name}", -np.asarray(v, dtype=np.float64)[index]) for name, v in (baselines or {}).items()]
+    out["baselines"] = list(baselines or {})
+    for name, key in orderings:
         order = index[np.lexsort((index, key))]  # ties by row, so the ordering is reproducible
         found = np.cumsum(is_flipped[order]) / max(len(flipped), 1)
         out[name] = {f"{q:g}": _found_at(found, q, m) for q in inspect}
@@ -47,3 +62,17 @@ def fault_table(scores: pd.DataFrame, examples, flipped: np.ndarray) -> pd.DataF
     frame["true_label"] = examples.true_y[frame["index"].to_numpy()].numpy()
     frame["flipped"] = np.isin(frame["index"].to_numpy(), flipped)
     return frame
+
+
+def example_losses(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> np.ndarray:
+    """Each example's cross-entropy under `net` in eval mode, on the labels it was trained with (the flipped ones
+    included): the loss baseline of the planted-fault check."""
+    was = net.training
+    net.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(y), batch_size):
+            logits = net(x[i : i + batch_size])
+            out.append(torch.nn.functional.cross_entropy(logits, y[i : i + batch_size], reduction="none"))
+    net.train(was)
+    return torch.cat(out).double().numpy()

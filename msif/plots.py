@@ -220,11 +220,13 @@ def removed_figure(rows, scores, pre, norm, path: Path, title: str, per_row: int
 
 def fault_curve(found: dict, path: Path, title: str) -> None:
     """faults.png: the share of the flipped examples found against the share of the pretraining set inspected,
-    in score order and in |score| order, with the random ordering (the diagonal)."""
+    in score order, in |score| order and by the pretrain-loss baseline, with the random ordering (the diagonal)."""
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
     q = np.asarray(found["curve_inspected"])
     ax.plot(q, found["by_score_curve"], label="by score (harmful first)", color="#c0392b")
     ax.plot(q, found["by_abs_score_curve"], label="by |score|", color="#2471a3", ls="--")
+    if "by_pretrain_loss_curve" in found:
+        ax.plot(q, found["by_pretrain_loss_curve"], label="by pretrain loss (baseline)", color="#7d8c2a", ls=":")
     ax.plot([0, 1], [0, 1], color="0.6", lw=1, label="random order")
     for p in found["inspect"]:
         ax.axvline(p, color="0.85", lw=0.8, zorder=0)

@@ -241,11 +241,14 @@ def faults_tables(summary: dict) -> list[Table]:
     """The share of the planted faults found in the top q, and (with cleansing) the finetune accuracy after each
     removal, the known answer (the flipped examples removed) included."""
     found = summary["recovery"]
+    baselines = found.get("baselines", [])  # absent in summaries written before the loss baseline
+    names = {"pretrain_loss": "by pretrain loss"}
     rows = [
         [
             f"{100 * float(q):g}%",
             f"{100 * found['by_score'][f'{q:g}']:.1f}%",
             f"{100 * found['by_abs_score'][f'{q:g}']:.1f}%",
+            *[f"{100 * found[f'by_{b}'][f'{q:g}']:.1f}%" for b in baselines],
             f"{100 * float(q):g}%",  # a random ordering finds a share q in the top q
         ]
         for q in found["inspect"]
@@ -253,7 +256,7 @@ def faults_tables(summary: dict) -> list[Table]:
     out = [
         table(
             f"{found['flipped']:,} flipped of {found['m']:,}: found in the top",
-            ["inspected", "by score", "by |score|", "random order"],
+            ["inspected", "by score", "by |score|", *[names.get(b, f"by {b}") for b in baselines], "random order"],
             rows,
         )
     ]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from msif.data.tasks import Examples, flip_labels
-from msif.faults import recovery
+from msif.faults import example_losses, recovery
 from tests.helpers.cli import msif, ok, refused
 
 
@@ -40,6 +40,26 @@ def test_recovery_counts_the_flipped_rows_among_the_top_scores():
     assert found["by_score_curve"][-1] == 1.0 and len(found["curve_inspected"]) == len(found["by_score_curve"])
 
 
+def test_a_baseline_is_ranked_largest_first_like_the_scores():
+    m = 100
+    scores = pd.DataFrame({"index": np.arange(m), "score": np.zeros(m)})
+    loss = np.arange(m, dtype=float)  # row 99 has the largest loss
+    found = recovery(scores, np.array([99, 98, 10]), m, [0.02, 0.5], baselines={"pretrain_loss": loss})
+    assert found["baselines"] == ["pretrain_loss"]
+    assert found["by_pretrain_loss"] == {"0.02": pytest.approx(2 / 3), "0.5": pytest.approx(2 / 3)}
+    assert found["by_pretrain_loss_curve"][-1] == 1.0
+
+
+def test_example_losses_are_each_rows_cross_entropy_in_eval_mode():
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.9)).train()
+    x, y = torch.randn(10, 3, generator=g), torch.randint(0, 4, (10,), generator=g)
+    logits = x @ net[0].weight.T + net[0].bias  # by hand, no dropout
+    expected = torch.logsumexp(logits, 1) - logits[torch.arange(10), y]
+    out = example_losses(net, x, y, batch_size=3)
+    assert np.allclose(out, expected.detach().numpy(), rtol=1e-6) and net.training  # its mode restored
+
+
 def test_planted_faults_end_to_end_on_tiny(env, tmp_path):
     proc = ok(msif(["planted-faults", "dataset=tiny", "cleanse.seeds=[0]", "output.plots=false"]))
     assert "flipped of 180" in proc.stdout and "known answer" in proc.stdout and "random order" in proc.stdout
@@ -52,6 +72,11 @@ def test_planted_faults_end_to_end_on_tiny(env, tmp_path):
     assert (table.loc[~table["flipped"], "label"] == table.loc[~table["flipped"], "true_label"]).all()
     top = table.nsmallest(18, "rank")  # the top 10% by score
     assert summary["recovery"]["by_score"]["0.1"] == pytest.approx(top["flipped"].sum() / 9)
+    # the loss baseline: the damaged model's loss, higher on the labels it was made to learn against its inputs
+    worst = table.nlargest(18, "pretrain_loss")
+    assert summary["recovery"]["by_pretrain_loss"]["0.1"] == pytest.approx(worst["flipped"].sum() / 9)
+    loss = table.groupby("flipped")["pretrain_loss"].mean()
+    assert loss[True] > loss[False] and "by pretrain loss" in proc.stdout
     assert len(pd.read_csv(folder / "oracle.csv")) == 1 and (folder / "faults.png").stat().st_size > 5000
     assert set(summary["cleanse"]["conditions"]) == {"none", "harmful", "random"}
     # the damaged data have their own pretrain run; the clean one is untouched

@@ -4,7 +4,8 @@ set, score it, and measure how many of the flipped examples the scores find (msi
 the flipped ones, retrain, and compare finetune accuracy.
 
 Writes, in `<influence run on the damaged data>/faults-<sig>/`: faults.csv (every pretraining example: score, rank,
-label used, true label, flipped), oracle.csv (one retrain without the flipped examples per seed, resumable),
+label used, true label, flipped, the damaged pretrained model's loss on it), oracle.csv (one retrain without the
+flipped examples per seed, resumable),
 faults_summary.json (written last) and faults.png (fraction inspected against fraction found).
 """
 
@@ -22,12 +23,13 @@ from msif.cleanse import retrain_without
 from msif.config import to_plain
 from msif.console import console, progress, say
 from msif.errors import MsifError
-from msif.faults import fault_table, recovery
+from msif.faults import example_losses, fault_table, recovery
 from msif.io import atomic_write_json, atomic_write_text
 from msif.lifecycle import Context, ResumableRows, Stage, run
 from msif.runs import RunFolder
 from msif.stages.cleanse import CLEANSE, CleanseResult, cleanse, seeds_of
 from msif.stages.influence import INFLUENCE, InfluenceResult, influence
+from msif.stages.pretrain import pretrained
 from msif.summaries import faults_tables
 from msif.targets import require_multi_stage
 
@@ -111,8 +113,12 @@ class PlantedFaults(Stage):
             f"planted faults: {len(flipped):,} of m={m:,} pretraining labels flipped (seed {cfg.faults.seed}); "
             f"scores from {up.scores.path}"
         )
-        found = recovery(up.scores.scores, flipped, m, inspect)
+        pre = pretrained(up.cfg, ctx)  # the damaged pretraining run the scores were computed on (reused)
+        param = next(pre.net.parameters())
+        losses = example_losses(pre.net, examples.x.to(param.dtype), examples.y, int(cfg.train.eval_batch_size))
+        found = recovery(up.scores.scores, flipped, m, inspect, baselines={"pretrain_loss": losses})
         table = fault_table(up.scores.scores, examples, flipped)
+        table["pretrain_loss"] = losses[table["index"].to_numpy()]
         atomic_write_text(table.to_csv(index=False), folder.path / "faults.csv")
         summary: dict[str, Any] = {
             "stage": "planted-faults",

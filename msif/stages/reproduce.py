@@ -333,6 +333,12 @@ def _faults(ctx: Context, e: DictConfig) -> Entry:
     found = s["recovery"]
     measured = ", ".join(f"{100 * found['by_score'][f'{q:g}']:.0f}% in the top {100 * q:g}%" for q in found["inspect"])
     measured = f"{found['flipped']:,} flipped: " + measured
+    top = found["inspect"][len(found["inspect"]) // 2]
+    measured += f" (by |score| {100 * found['by_abs_score'][f'{top:g}']:.0f}% in the top {100 * top:g}%" + (
+        f", by the pretrain-loss baseline {100 * found['by_pretrain_loss'][f'{top:g}']:.0f}%)"
+        if "by_pretrain_loss" in found
+        else ")"
+    )
     if "cleanse" in s:
         c, o = s["cleanse"]["conditions"], s["oracle"]
         measured += (
