@@ -64,15 +64,14 @@ def fault_table(scores: pd.DataFrame, examples, flipped: np.ndarray) -> pd.DataF
     return frame
 
 
-def example_losses(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> np.ndarray:
-    """Each example's cross-entropy under `net` in eval mode, on the labels it was trained with (the flipped ones
-    included): the loss baseline of the planted-fault check."""
+def pretrain_losses(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> np.ndarray:
+    """Each example's loss under `net` in eval mode (the objective's per-example cross-entropy), on the labels it was
+    trained with, the flipped ones included: the loss baseline of the planted-fault check."""
+    from msif.influence.params import example_losses
+
     was = net.training
     net.eval()
-    out = []
     with torch.no_grad():
-        for i in range(0, len(y), batch_size):
-            logits = net(x[i : i + batch_size])
-            out.append(torch.nn.functional.cross_entropy(logits, y[i : i + batch_size], reduction="none"))
+        out = [example_losses(net(x[i : i + batch_size]), y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
     net.train(was)
     return torch.cat(out).double().numpy()

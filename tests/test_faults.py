@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from msif.data.tasks import Examples, flip_labels
-from msif.faults import example_losses, recovery
+from msif.faults import pretrain_losses, recovery
 from tests.helpers.cli import msif, ok, refused
 
 
@@ -50,13 +50,13 @@ def test_a_baseline_is_ranked_largest_first_like_the_scores():
     assert found["by_pretrain_loss_curve"][-1] == 1.0
 
 
-def test_example_losses_are_each_rows_cross_entropy_in_eval_mode():
+def test_pretrain_losses_are_each_rows_cross_entropy_in_eval_mode():
     g = torch.Generator().manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.9)).train()
     x, y = torch.randn(10, 3, generator=g), torch.randint(0, 4, (10,), generator=g)
     logits = x @ net[0].weight.T + net[0].bias  # by hand, no dropout
     expected = torch.logsumexp(logits, 1) - logits[torch.arange(10), y]
-    out = example_losses(net, x, y, batch_size=3)
+    out = pretrain_losses(net, x, y, batch_size=3)
     assert np.allclose(out, expected.detach().numpy(), rtol=1e-6) and net.training  # its mode restored
 
 

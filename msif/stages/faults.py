@@ -23,7 +23,7 @@ from msif.cleanse import retrain_without
 from msif.config import to_plain
 from msif.console import console, progress, say
 from msif.errors import MsifError
-from msif.faults import example_losses, fault_table, recovery
+from msif.faults import fault_table, pretrain_losses, recovery
 from msif.io import atomic_write_json, atomic_write_text
 from msif.lifecycle import Context, ResumableRows, Stage, run
 from msif.runs import RunFolder
@@ -114,8 +114,9 @@ class PlantedFaults(Stage):
             f"scores from {up.scores.path}"
         )
         pre = pretrained(up.cfg, ctx)  # the damaged pretraining run the scores were computed on (reused)
-        param = next(pre.net.parameters())
-        losses = example_losses(pre.net, examples.x.to(param.dtype), examples.y, int(cfg.train.eval_batch_size))
+        x = examples.x
+        x = x.to(next(pre.net.parameters()).dtype) if x.is_floating_point() else x  # images; token ids stay ints
+        losses = pretrain_losses(pre.net, x, examples.y, int(cfg.train.eval_batch_size))
         found = recovery(up.scores.scores, flipped, m, inspect, baselines={"pretrain_loss": losses})
         table = fault_table(up.scores.scores, examples, flipped)
         table["pretrain_loss"] = losses[table["index"].to_numpy()]
