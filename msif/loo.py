@@ -264,6 +264,40 @@ def correlation(predicted: np.ndarray, actual: np.ndarray, seed: int = 0, resamp
     return out
 
 
+def paired_difference(
+    ours: np.ndarray, theirs: np.ndarray, actual: np.ndarray, measure: str, seed: int = 0, resamples: int = 2000
+) -> dict:
+    """How much better `ours` predicts `actual` than `theirs` on the same retrains: measure(ours, actual) −
+    measure(theirs, actual) (`measure`: pearson_r or spearman_rho), with a BCa 95% interval from resampling the
+    retrains jointly (scipy.stats.bootstrap, paired), so the shared noise of the retrains cancels. An interval that
+    excludes 0 says the two scorings differ on these retrains; one that straddles it says they cannot be told apart."""
+    from scipy import stats
+
+    fn = {"pearson_r": _pearson, "spearman_rho": _spearman}[measure]
+    ours, theirs, actual = (np.asarray(v, dtype=float) for v in (ours, theirs, actual))
+
+    def diff(a, b, y, axis=-1):
+        return fn(a, y, axis=axis) - fn(b, y, axis=axis)
+
+    out: dict = {"measure": measure, "difference": float(diff(ours, theirs, actual)), "ci95": None}
+    if len(actual) >= 3 and resamples > 0:
+        with warnings.catch_warnings():  # degenerate resamples (constant columns) give NaN, not a warning
+            warnings.simplefilter("ignore")
+            res = stats.bootstrap(
+                (ours, theirs, actual),
+                diff,
+                paired=True,
+                vectorized=True,
+                n_resamples=resamples,
+                method="BCa",
+                confidence_level=0.95,
+                rng=np.random.default_rng(seed),
+            )
+        low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        out["ci95"] = [low, high] if math.isfinite(low) and math.isfinite(high) else None
+    return out
+
+
 def _pearson(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
     """Pearson's r along `axis` (scipy.stats; NaN where either side is constant), batches of resamples at once."""
     from scipy import stats
@@ -402,8 +436,13 @@ def summarize(
     actual = frame["actual_effect"].to_numpy()
     seed, n_boot = int(cfg.loo.seed), int(cfg.loo.bootstrap)
     stats = {"msif": correlation(frame["predicted_effect"].to_numpy(), actual, seed, n_boot)}
+    versus = {}
     if compare:
-        stats[compare] = correlation(frame[f"{compare}_predicted_effect"].to_numpy(), actual, seed, n_boot)
+        theirs = frame[f"{compare}_predicted_effect"].to_numpy()
+        stats[compare] = correlation(theirs, actual, seed, n_boot)
+        versus[compare] = paired_difference(
+            frame["predicted_effect"].to_numpy(), theirs, actual, "pearson_r", seed, n_boot
+        )
     return {
         "stage": "validate-loo",
         "dataset": cfg.dataset.name,
@@ -416,6 +455,7 @@ def summarize(
         "selection": cfg.loo.selection if cfg.loo.indices is None else "indices",
         "solver": to_plain(cfg.solver),
         "correlation": stats,
+        "msif_minus": versus,  # msif's r minus the compared scores' r on the same retrains, paired interval
         # reused retrains (measured by another run) count 0 s here: the mean is over the ones this run made
         "retrain_seconds": {
             "mean": float(made.mean()) if len(made := frame["seconds"][frame["seconds"] > 0]) else 0.0,

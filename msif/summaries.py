@@ -153,8 +153,19 @@ def merge_solves(solves: list[dict]) -> list[dict]:
     return list(out.values())
 
 
+def versus_msif(summary: dict, name: str) -> str:
+    """msif's r (or LDS) minus `name`'s on the same retrains, with its paired interval ('' for msif's own row and
+    for summaries written before the paired difference)."""
+    d = summary.get("msif_minus", {}).get(name)
+    if d is None:
+        return ""
+    ci = d.get("ci95")
+    return f"{d['difference']:+.3f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+
+
 def loo_table(summary: dict) -> Table:
-    """Pearson r and Spearman ρ of predicted against actual leave-one-out effects, with their intervals."""
+    """Pearson r and Spearman ρ of predicted against actual leave-one-out effects, with their intervals, and for
+    the compared scores msif's advantage in r on the same retrains (paired interval)."""
     rows = []
     for name, s in summary["correlation"].items():
         ci_r, ci_rho = s.get("pearson_r_ci95"), s.get("spearman_rho_ci95")
@@ -167,12 +178,13 @@ def loo_table(summary: dict) -> Table:
                 f"{s['spearman_rho']:+.3f}",
                 f"[{ci_rho[0]:+.2f}, {ci_rho[1]:+.2f}]" if ci_rho else "-",
                 f"{s.get('fit_slope', float('nan')):.3g}",
+                versus_msif(summary, name),
             ]
         )
     return table(
         f"predicted −I/m vs actual ΔL_T ({summary['dataset']}, case {summary['case']}, "
         f"{summary['retrain_seconds']['mean']:.1f} s per retrain)",
-        ["scores", "k", "Pearson r", "95% CI", "Spearman ρ", "95% CI", "slope (predicted / actual)"],
+        ["scores", "k", "Pearson r", "95% CI", "Spearman ρ", "95% CI", "slope (predicted / actual)", "msif r − this r"],
         rows,
     )
 
@@ -290,13 +302,20 @@ def lds_table(summary: dict) -> Table:
     for name, s in summary["lds"].items():
         ci = s.get("lds_ci95")
         rows.append(
-            [name, s["n"], f"{s['lds']:+.3f}", f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "-", f"{s['pearson_r']:+.3f}"]
+            [
+                name,
+                s["n"],
+                f"{s['lds']:+.3f}",
+                f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "-",
+                f"{s['pearson_r']:+.3f}",
+                versus_msif(summary, name),
+            ]
         )
     per = summary.get("per_test")
     t = table(
         f"linear datamodeling score ({summary['dataset']}, case {summary['case']}, {summary['subsets']} subsets "
         f"keeping {100 * summary['alpha']:g}%, {summary['retrain_seconds']['mean']:.1f} s per retrain)",
-        ["scores", "subsets", "LDS (Spearman ρ)", "95% CI", "Pearson r"],
+        ["scores", "subsets", "LDS (Spearman ρ)", "95% CI", "Pearson r", "msif LDS − this LDS"],
         rows,
     )
     if per:

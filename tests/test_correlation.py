@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from msif.loo import correlation
+from msif.loo import correlation, paired_difference
 
 
 def pearson(a, b):
@@ -61,3 +61,21 @@ def test_fewer_than_two_pairs_give_nan():
     """validate-loo shows the running r after every retrain, the first one included."""
     c = correlation(np.array([0.1]), np.array([0.2]), resamples=0)
     assert math.isnan(c["pearson_r"]) and math.isnan(c["spearman_rho"])
+
+
+def test_the_paired_difference_is_the_difference_of_the_definitions_and_its_interval_sees_a_real_gap():
+    rng = np.random.default_rng(5)
+    actual = rng.normal(size=30)
+    good = actual + 0.3 * rng.normal(size=30)
+    poor = actual + 3.0 * rng.normal(size=30)
+    for measure, fn in (("pearson_r", pearson), ("spearman_rho", lambda a, b: pearson(ranks(a), ranks(b)))):
+        d = paired_difference(good, poor, actual, measure, seed=0, resamples=1000)
+        assert d["difference"] == pytest.approx(fn(good, actual) - fn(poor, actual), abs=1e-12)
+        low, high = d["ci95"]
+        assert 0 < low < d["difference"] < high  # a clear gap: the interval excludes 0
+    # two scorings that differ by noise much smaller than their shared error cannot be told apart
+    near = good + 0.01 * rng.normal(size=30)
+    low, high = paired_difference(good, near, actual, "pearson_r", seed=0, resamples=1000)["ci95"]
+    assert low < 0 < high
+    same = paired_difference(good, good, actual, "spearman_rho", seed=0, resamples=200)
+    assert same["difference"] == 0.0

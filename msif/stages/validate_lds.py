@@ -29,7 +29,7 @@ from msif.errors import MsifError
 from msif.io import atomic_write_json
 from msif.lds import group_effect, lds, per_test_lds, removed_rows, score_matrix
 from msif.lifecycle import Context, ResumableRows, Stage, run, run_jobs, threads_per_worker
-from msif.loo import RETRAIN_KEYS, Retrainer, reference_losses
+from msif.loo import RETRAIN_KEYS, Retrainer, paired_difference, reference_losses
 from msif.runs import RunFolder
 from msif.stages.influence import INFLUENCE, InfluenceResult, influence, report_reliability
 from msif.stages.validate_loo import compare_config, make_retrainer
@@ -170,9 +170,12 @@ class ValidateLds(Stage):
         frame = frame[frame["subset"] < M].sort_values("subset").reset_index(drop=True)
         n_boot = int(cfg.lds.bootstrap)
         actual = frame["actual_effect"].to_numpy()
-        scores = {"msif": lds(frame["predicted_effect"].to_numpy(), actual, seed, n_boot)}
+        ours = frame["predicted_effect"].to_numpy()
+        scores, versus = {"msif": lds(ours, actual, seed, n_boot)}, {}
         for b in others:
-            scores[b] = lds(frame[f"{b}_predicted_effect"].to_numpy(), actual, seed, n_boot)
+            theirs = frame[f"{b}_predicted_effect"].to_numpy()
+            scores[b] = lds(theirs, actual, seed, n_boot)
+            versus[b] = paired_difference(ours, theirs, actual, "spearman_rho", seed, n_boot)
         summary: dict[str, Any] = {
             "stage": "validate-lds",
             "dataset": cfg.dataset.name,
@@ -185,6 +188,7 @@ class ValidateLds(Stage):
             "finetune_steps": int(cfg.loo.finetune_steps),
             "reference_test_loss": reference,
             "lds": scores,
+            "msif_minus": versus,  # msif's LDS minus each baseline's on the same subsets, paired interval
             "retrain_seconds": {"mean": float(frame["seconds"].mean()), "total": float(frame["seconds"].sum())},
             "influence_run": str(up.main.path),
             "baseline_runs": {b: str(r.path) for b, r in up.baselines.items()},
