@@ -88,3 +88,23 @@ def test_planted_faults_end_to_end_on_tiny(env, tmp_path):
 def test_a_bad_fraction_is_refused_before_any_work(env, tmp_path):
     refused(msif(["planted-faults", "dataset=tiny", "faults.fraction=0.7"]), "faults.fraction", "0.5")
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("checkpoint.pt"))
+
+
+def test_the_known_answer_is_retrained_like_the_cleansing_conditions(env, monkeypatch):
+    """With cleanse.start=warm the retrain without exactly the flipped examples continues the damaged model too (the
+    same protocol as the conditions it is compared with), and the start is part of the run's signature."""
+    from msif.stages import faults as stage
+    from tests.helpers.configs import compose_cfg
+
+    starts, original = [], stage.retrain_without
+
+    def recording(*args, **kwargs):
+        starts.append((kwargs.get("start"), kwargs.get("pretrained") is not None))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "retrain_without", recording)
+    common = ["dataset=tiny", "cleanse.seeds=[0]", "output.plots=false", "cleanse.threads=1"]
+    warm = stage.planted_faults(compose_cfg("planted-faults", [*common, "cleanse.start=warm"]))
+    assert starts == [("warm", True)]
+    scratch = stage.planted_faults(compose_cfg("planted-faults", common))
+    assert starts[1:] == [("scratch", False)] and scratch.path != warm.path

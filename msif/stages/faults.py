@@ -90,6 +90,8 @@ class PlantedFaults(Stage):
             "influence": up.scores.path.name,
             "faults": {k: v for k, v in cfg.faults.items()},
             "seeds": seeds_of(cfg) if cfg.faults.cleanse else None,
+            # how the cleansing conditions and the known answer are retrained
+            "start": (str(cfg.cleanse.start), cfg.cleanse.warm_steps) if cfg.faults.cleanse else None,
         }
 
     def location(self, cfg: DictConfig, up: Damaged, signature: str) -> Path:
@@ -157,11 +159,24 @@ class PlantedFaults(Stage):
             numeric=["seed", "test_accuracy", "test_loss", "pretrain_test_accuracy", "seconds"],
         )
         tasks = ctx.tasks(up.cfg)
+        # the same start as the cleansing conditions, so the known answer is measured by the same protocol
+        start = str(up.cfg.cleanse.start)
+        warm = pretrained(up.cfg, ctx).net if start == "warm" else None
         todo = [s for s in seeds if (s,) not in rows]
         with progress() as bar:
             task = bar.add_task("retrains without the flipped examples", total=len(seeds), completed=rows.done, info="")
             for s in todo:
-                result = retrain_without(up.cfg, tasks, flipped, s, ctx.device, ctx.dtype)
+                result = retrain_without(
+                    up.cfg,
+                    tasks,
+                    flipped,
+                    s,
+                    ctx.device,
+                    ctx.dtype,
+                    start=start,
+                    pretrained=warm,
+                    warm_steps=up.cfg.cleanse.warm_steps,
+                )
                 rows.append({"seed": s, **result})
                 bar.update(task, advance=1)
         frame = rows.frame()
