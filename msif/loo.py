@@ -235,30 +235,12 @@ SELECTION_DRAW = "permutation"  # in validate-loo's signature: tables drawn by t
 def correlation(predicted: np.ndarray, actual: np.ndarray, seed: int = 0, resamples: int = 2000) -> dict:
     """Pearson r and Spearman ρ, with BCa bootstrap 95% intervals over resampled (predicted, actual) pairs (seeded;
     scipy.stats.bootstrap, vectorised), and the least-squares slope of predicted on actual."""
-    from scipy import stats
-
     predicted, actual = np.asarray(predicted, dtype=float), np.asarray(actual, dtype=float)
     n = len(actual)
     measures = {"pearson_r": _pearson, "spearman_rho": _spearman}
     out: dict = {"n": n, **{key: float(fn(predicted, actual)) for key, fn in measures.items()}}
     for key, fn in measures.items():
-        ci = None
-        if n >= 3 and resamples > 0:
-            with warnings.catch_warnings():  # degenerate resamples (constant columns) give NaN, not a warning
-                warnings.simplefilter("ignore")
-                res = stats.bootstrap(
-                    (predicted, actual),
-                    fn,
-                    paired=True,
-                    vectorized=True,
-                    n_resamples=resamples,
-                    method="BCa",
-                    confidence_level=0.95,
-                    rng=np.random.default_rng(seed),
-                )
-            low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
-            ci = [low, high] if math.isfinite(low) and math.isfinite(high) else None
-        out[f"{key}_ci95"] = ci
+        out[f"{key}_ci95"] = _bca_interval((predicted, actual), fn, seed, resamples)
     slope = np.polyfit(actual, predicted, 1) if n >= 2 and np.ptp(actual) > 0 else [float("nan")] * 2
     out["fit_slope"], out["fit_intercept"] = float(slope[0]), float(slope[1])
     return out
@@ -271,31 +253,40 @@ def paired_difference(
     measure(theirs, actual) (`measure`: pearson_r or spearman_rho), with a BCa 95% interval from resampling the
     retrains jointly (scipy.stats.bootstrap, paired), so the shared noise of the retrains cancels. An interval that
     excludes 0 says the two scorings differ on these retrains; one that straddles it says they cannot be told apart."""
-    from scipy import stats
-
     fn = {"pearson_r": _pearson, "spearman_rho": _spearman}[measure]
     ours, theirs, actual = (np.asarray(v, dtype=float) for v in (ours, theirs, actual))
 
     def diff(a, b, y, axis=-1):
         return fn(a, y, axis=axis) - fn(b, y, axis=axis)
 
-    out: dict = {"measure": measure, "difference": float(diff(ours, theirs, actual)), "ci95": None}
-    if len(actual) >= 3 and resamples > 0:
-        with warnings.catch_warnings():  # degenerate resamples (constant columns) give NaN, not a warning
-            warnings.simplefilter("ignore")
-            res = stats.bootstrap(
-                (ours, theirs, actual),
-                diff,
-                paired=True,
-                vectorized=True,
-                n_resamples=resamples,
-                method="BCa",
-                confidence_level=0.95,
-                rng=np.random.default_rng(seed),
-            )
-        low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
-        out["ci95"] = [low, high] if math.isfinite(low) and math.isfinite(high) else None
-    return out
+    return {
+        "measure": measure,
+        "difference": float(diff(ours, theirs, actual)),
+        "ci95": _bca_interval((ours, theirs, actual), diff, seed, resamples),
+    }
+
+
+def _bca_interval(samples: tuple, statistic, seed: int, resamples: int) -> list[float] | None:
+    """The BCa 95% interval of `statistic` over paired resamples of `samples` (scipy.stats.bootstrap, vectorised,
+    seeded); None for fewer than 3 pairs, no resamples, or a degenerate (non-finite) interval."""
+    from scipy import stats
+
+    if len(samples[-1]) < 3 or resamples <= 0:
+        return None
+    with warnings.catch_warnings():  # degenerate resamples (constant columns) give NaN, not a warning
+        warnings.simplefilter("ignore")
+        res = stats.bootstrap(
+            samples,
+            statistic,
+            paired=True,
+            vectorized=True,
+            n_resamples=resamples,
+            method="BCa",
+            confidence_level=0.95,
+            rng=np.random.default_rng(seed),
+        )
+    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return [low, high] if math.isfinite(low) and math.isfinite(high) else None
 
 
 def _pearson(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
