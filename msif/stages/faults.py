@@ -139,7 +139,7 @@ class PlantedFaults(Stage):
                 "conditions": up.cleansed.summary["conditions"],
                 "paired": up.cleansed.summary.get("paired"),
             }
-            summary["oracle"] = self._oracle(cfg, ctx, up, flipped, folder)
+            summary["oracle"] = self._oracle(cfg, ctx, up, pre.net, flipped, folder)
         from msif import plots
 
         plots.fault_curve(found, folder.path / "faults.png", f"{cfg.dataset.name}, case {cfg.case.name}")
@@ -149,8 +149,11 @@ class PlantedFaults(Stage):
         say(f"saved {folder.path / 'faults.csv'}, {folder.path / 'faults.png'}, {folder.path / 'faults_summary.json'}")
         return FaultsResult(folder.path, summary)
 
-    def _oracle(self, cfg: DictConfig, ctx: Context, up: Damaged, flipped: np.ndarray, folder: RunFolder) -> dict:
-        """Retrain without exactly the flipped examples, per cleansing seed: the accuracy a perfect detector gets."""
+    def _oracle(
+        self, cfg: DictConfig, ctx: Context, up: Damaged, damaged_net, flipped: np.ndarray, folder: RunFolder
+    ) -> dict:
+        """Retrain without exactly the flipped examples, per cleansing seed: the accuracy a perfect detector gets
+        (`damaged_net`, the pretrained network the scores came from, is where a warm start continues from)."""
         seeds = seeds_of(cfg)
         rows = ResumableRows(
             folder.path / "oracle.csv",
@@ -161,7 +164,7 @@ class PlantedFaults(Stage):
         tasks = ctx.tasks(up.cfg)
         # the same start as the cleansing conditions, so the known answer is measured by the same protocol
         start = str(up.cfg.cleanse.start)
-        warm = pretrained(up.cfg, ctx).net if start == "warm" else None
+        warm = damaged_net if start == "warm" else None
         todo = [s for s in seeds if (s,) not in rows]
         with progress() as bar:
             task = bar.add_task("retrains without the flipped examples", total=len(seeds), completed=rows.done, info="")
