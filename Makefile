@@ -79,7 +79,7 @@ bench-speed: bench-venv  ## the speed goals in one run: 1,000 targets, CIFAR-10 
 
 PROFILE ?= cpu
 
-reproduce: install  ## the paper's experiments (PROFILE=cpu|paper|tiny), reusing finished runs -> outputs/reproduce/REPORT.md
+reproduce: install  ## the paper's experiments (PROFILE=cpu: 2 h; full: all of them, ~6 h; paper; tiny), reusing finished runs -> outputs/reproduce/REPORT.md
 	$(BIN)/msif reproduce plan=$(PROFILE)
 
 lint: install  ## ruff
