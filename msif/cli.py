@@ -49,7 +49,7 @@ STAGES = {
         "msif.stages:planted_faults",
     ),
     "reproduce": Stage(
-        "run the paper's experiments (plan=cpu|paper|tiny) and write REPORT.md", "msif.stages.reproduce:reproduce"
+        "run the paper's experiments (plan=cpu|full|paper|tiny) and write REPORT.md", "msif.stages.reproduce:reproduce"
     ),
 }
 
