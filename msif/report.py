@@ -29,6 +29,19 @@ class Entry:
     runs: list[str]
     note: str = ""
     wall: float = 0.0  # seconds this invocation spent on it (small when the runs were reused)
+    validation: dict[str, dict[str, str]] | None = None  # row (data set, case) -> its cells of the validation table
+
+
+# The validation table's columns, in order; each experiment kind fills its own (reproduce's handlers).
+VALIDATION_COLUMNS = (
+    "leave-one-out r [95% CI]",
+    "noise ceiling",
+    "stability r (top-100 overlap)",
+    "identity r; msif − identity [95% CI]",
+    "LDS [95% CI]",
+    "LDS identity; single-stage",
+    "planted faults in the top 10%: by score magnitude; by pretrain loss",
+)
 
 
 def _cell(text: str) -> str:
@@ -52,6 +65,31 @@ def _commit() -> str:
 def seconds(x: float) -> str:
     """Seconds for a table: one decimal below 10 s (a fast run is not "0"), whole seconds above."""
     return f"{x:,.1f}" if x < 10 else f"{x:,.0f}"
+
+
+def validation_table(entries: list[Entry]) -> list[str]:
+    """The validation table (one row per data set and case) from the experiments that fill it, as markdown lines;
+    none when no experiment does. *this run* adds up the seconds this invocation spent on the row's experiments."""
+    rows: dict[str, dict[str, str]] = {}
+    spent: dict[str, float] = {}
+    for e in entries:
+        for row, cells in (e.validation or {}).items():
+            rows.setdefault(row, {}).update(cells)
+            spent[row] = spent.get(row, 0.0) + e.wall
+    if not rows:
+        return []
+    columns = [c for c in VALIDATION_COLUMNS if any(c in cells for cells in rows.values())]
+    lines = [
+        "## Validation table",
+        "",
+        "| data set, case | " + " | ".join(columns) + " | this run (s) |",
+        "|---|" + "---|" * len(columns) + "---:|",
+    ]
+    for row, cells in rows.items():
+        lines.append(
+            f"| {_cell(row)} | " + " | ".join(_cell(cells.get(c, "–")) for c in columns) + f" | {seconds(spent[row])} |"
+        )
+    return [*lines, ""]
 
 
 def write_report(folder: Path, plan: DictConfig, entries: list[Entry], compute: float, wall: float) -> Path:
@@ -83,6 +121,7 @@ def write_report(folder: Path, plan: DictConfig, entries: list[Entry], compute: 
         f"this invocation: {wall:,.0f} s.",
         "",
     ]
+    lines += validation_table(entries)
     for e in entries:
         lines += [f"## {e.title}", "", f"Paper: {e.paper}. msif: {e.measured}.", "", f"Settings: {e.settings}.", ""]
         if e.note:

@@ -47,6 +47,38 @@ def test_the_tiny_plan_makes_every_figure_and_the_report_table(only, env, tmp_pa
         assert f"(figures/{f.name})" in text
     assert "Section 4.5 at the paper's size" in text and "not reproduced" in text
     assert re.search(r"Total compute of the distinct runs behind this report: [\d,]+ s", text)
+    # the validation table: one row per data set and case, filled by the leave-one-out, LDS and faults runs
+    start = lines.index("## Validation table") + 2
+    header = [c.strip() for c in lines[start].split("|")[1:-1]]
+    fixed = [c.strip() for c in re.split(r"(?<!\\)\|", next(x for x in lines[start:] if "digits, fixed" in x))[1:-1]]
+    cell = dict(zip(header, fixed, strict=True))
+    assert re.match(r"-?\d\.\d\d \[", cell["leave-one-out r [95% CI]"])
+    assert re.match(r"-?\d\.\d\d; [+-]\d\.\d\d \[", cell["identity r; msif − identity [95% CI]"])
+    assert re.match(r"-?\d\.\d\d \[.*\(6 subsets\)", cell["LDS [95% CI]"])
+    assert re.match(r"\d+\.\d%; \d+\.\d%", cell["planted faults in the top 10%: by score magnitude; by pretrain loss"])
+    assert float(cell["this run (s)"].replace(",", "")) > 0
+
+
+def test_the_validation_table_merges_the_experiments_of_one_data_set_and_case():
+    from msif.report import Entry, validation_table
+
+    def entry(wall, cells):
+        return Entry("x", "t", "p", "m", "s", 1.0, [], [], wall=wall, validation=cells)
+
+    lines = validation_table(
+        [
+            entry(4.0, {"MNIST, fixed": {"leave-one-out r [95% CI]": "0.97 [0.93, 0.99] (k = 20)"}}),
+            entry(0.5, {"MNIST, fixed": {"identity r; msif − identity [95% CI]": "0.86; +0.12 [+0.06, +0.24]"}}),
+            entry(20.0, {"CIFAR-10, fixed": {"LDS [95% CI]": "0.53 [0.23, 0.76] (20 subsets)"}}),
+            entry(99.0, None),  # a figure that is not part of the table
+        ]
+    )
+    assert lines[0] == "## Validation table"
+    columns = ["leave-one-out r [95% CI]", "identity r; msif − identity [95% CI]", "LDS [95% CI]"]
+    assert lines[2] == "| data set, case | " + " | ".join(columns) + " | this run (s) |"
+    assert lines[4] == "| MNIST, fixed | 0.97 [0.93, 0.99] (k = 20) | 0.86; +0.12 [+0.06, +0.24] | – | 4.5 |"
+    assert lines[5] == "| CIFAR-10, fixed | – | – | 0.53 [0.23, 0.76] (20 subsets) | 20 |"
+    assert validation_table([entry(1.0, None)]) == []
 
 
 def test_unknown_experiments_and_bad_plan_overrides_are_refused(env, tmp_path):

@@ -186,6 +186,18 @@ def _loo(ctx: Context, e: DictConfig) -> Entry:
     ci = stats.get("pearson_r_ci95") or [float("nan")] * 2
     ceiling = (s.get("noise") or {}).get("ceiling")
     stable = s.get("stability") or {}
+    cells = {}
+    if which == "msif":
+        cells["leave-one-out r [95% CI]"] = f"{_interval(stats['pearson_r'], ci)} (k = {s['k']})"
+        if ceiling:
+            cells["noise ceiling"] = f"{ceiling:.2f}"
+        if "pearson_r" in stable:
+            cells["stability r (top-100 overlap)"] = f"{stable['pearson_r']:.3f} ({stable['top_overlap_abs']})"
+    elif which == "identity":
+        versus = (s.get("msif_minus") or {}).get("identity")
+        cells["identity r; msif − identity [95% CI]"] = f"{stats['pearson_r']:.2f}" + (
+            f"; {_interval(versus['difference'], versus['ci95'], signed=True)}" if versus else ""
+        )
     return Entry(
         e.id,
         e.title,
@@ -198,7 +210,22 @@ def _loo(ctx: Context, e: DictConfig) -> Entry:
         [figure.name],
         [str(result.path)],
         str(e.get("note", "")),
+        validation={_row(cfg): cells},
     )
+
+
+def _row(cfg: DictConfig) -> str:
+    """The validation table's row label: the data set (with its size when the plan reduced it) and the case."""
+    name = {"mnist": "MNIST", "cifar": "CIFAR-10", "digits": "8×8 digits"}.get(cfg.dataset.name, cfg.dataset.name)
+    n = cfg.dataset.pretrain.get("n_train")
+    reduced = f" ({int(n):,} pretraining examples, {cfg.train.pretrain.steps} steps)" if n else ""
+    return f"{name}{reduced}, {cfg.case.name}"
+
+
+def _interval(value: float, ci, signed: bool = False) -> str:
+    ci = ci or [float("nan")] * 2
+    f = "{:+.2f}" if signed else "{:.2f}"
+    return f"{f.format(value)} [{f.format(ci[0])}, {f.format(ci[1])}]"
 
 
 def _per_test(ctx: Context, e: DictConfig) -> Entry:
@@ -304,7 +331,28 @@ def _lds(ctx: Context, e: DictConfig) -> Entry:
 
     measured = "LDS: " + ", ".join(one(n) for n in s["lds"])
     settings = _settings(cfg, "solver") + f"; {s['subsets']} subsets keeping {100 * s['alpha']:g}%"
-    return Entry(e.id, e.title, str(e.paper), measured, settings, compute, [figure], [str(result.path)])
+    msif = s["lds"]["msif"]
+    cells = {"LDS [95% CI]": f"{_interval(msif['lds'], msif.get('lds_ci95'))} ({s['subsets']} subsets)"}
+    versus = s.get("msif_minus") or {}
+    baselines = [
+        f"{s['lds'][b]['lds']:.2f}"
+        + (f" (msif − it {_interval(versus[b]['difference'], versus[b]['ci95'], signed=True)})" if b in versus else "")
+        for b in ("identity", "single_stage")
+        if b in s["lds"]
+    ]
+    if baselines:
+        cells["LDS identity; single-stage"] = "; ".join(baselines)
+    return Entry(
+        e.id,
+        e.title,
+        str(e.paper),
+        measured,
+        settings,
+        compute,
+        [figure],
+        [str(result.path)],
+        validation={_row(cfg): cells},
+    )
 
 
 def _faults(ctx: Context, e: DictConfig) -> Entry:
@@ -347,7 +395,23 @@ def _faults(ctx: Context, e: DictConfig) -> Entry:
             f" the flipped removed {100 * o['test_accuracy_mean']:.2f}%"
         )
     settings = _settings(cfg, "solver") + f"; {100 * s['fraction']:g}% of the labels flipped (seed {s['seed']})"
-    return Entry(e.id, e.title, str(e.paper), measured, settings, compute, [figure], [str(result.path)])
+    cells = {}
+    if "0.1" in found["by_abs_score"]:
+        loss = found.get("by_pretrain_loss", {}).get("0.1")
+        cells["planted faults in the top 10%: by score magnitude; by pretrain loss"] = (
+            f"{100 * found['by_abs_score']['0.1']:.1f}%" + (f"; {100 * loss:.1f}%" if loss is not None else "")
+        )
+    return Entry(
+        e.id,
+        e.title,
+        str(e.paper),
+        measured,
+        settings,
+        compute,
+        [figure],
+        [str(result.path)],
+        validation={_row(cfg): cells},
+    )
 
 
 def _table1(ctx: Context, e: DictConfig) -> Entry:
