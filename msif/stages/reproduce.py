@@ -190,12 +190,12 @@ def _loo(ctx: Context, e: DictConfig) -> Entry:
     if which == "msif":
         cells["leave-one-out r [95% CI]"] = f"{_interval(stats['pearson_r'], ci)} (k = {s['k']})"
         if ceiling:
-            cells["noise ceiling"] = f"{ceiling:.2f}"
+            cells["noise ceiling"] = f"{ceiling:.3f}"
         if "pearson_r" in stable:
             cells["stability r (top-100 overlap)"] = f"{stable['pearson_r']:.3f} ({stable['top_overlap_abs']})"
-    elif which == "identity":
+    if "identity" in s["correlation"]:  # scored on the same retrains (loo.compare=identity)
         versus = (s.get("msif_minus") or {}).get("identity")
-        cells["identity r; msif − identity [95% CI]"] = f"{stats['pearson_r']:.2f}" + (
+        cells["identity r; msif − identity [95% CI]"] = f"{s['correlation']['identity']['pearson_r']:.2f}" + (
             f"; {_interval(versus['difference'], versus['ci95'], signed=True)}" if versus else ""
         )
     return Entry(
@@ -290,8 +290,10 @@ def _cleanse(ctx: Context, e: DictConfig) -> Entry:
     compute, run_context = ctx.count_upstream(cfg)
     result = cleanse(cfg, run_context)
     s = result.summary
-    influence_seconds = read_json(Path(s["influence_run"]) / "summary.json")["seconds"]["total"]
-    compute += ctx.count(s["influence_run"], influence_seconds)
+    # the cleansing folder lives in its influence run's folder; the summary's path is relative to where it ran
+    influence_run = result.path.parent
+    influence_seconds = read_json(influence_run / "summary.json")["seconds"]["total"]
+    compute += ctx.count(influence_run, influence_seconds)
     own = result.table[~((result.table["condition"] == "none") & (result.table["seed"] == cfg.seed))]
     compute += ctx.count(result.path, float(own["seconds"].sum()))
     figures = []
@@ -366,14 +368,15 @@ def _faults(ctx: Context, e: DictConfig) -> Entry:
     result = planted_faults(cfg, ctx.run_context)
     s = result.summary
     compute = 0.0
-    influence_run = Path(s["influence_run"])
+    influence_run = result.path.parent  # the faults folder lives in its influence run's folder (the summary's path
+    # is relative to where that run was made, which need not be here)
     for folder in (influence_run.parent.parent, influence_run.parent):  # the damaged pretrain and finetune runs
         compute += ctx.count(folder, read_json(folder / "metrics.json").get("seconds"))
     compute += ctx.count(influence_run, read_json(influence_run / "summary.json")["seconds"]["total"])
     if "cleanse" in s:
         import pandas as pd
 
-        cleansed = Path(s["cleanse"]["run"])
+        cleansed = influence_run / Path(s["cleanse"]["run"]).name
         compute += ctx.count(cleansed, float(pd.read_csv(cleansed / "cleanse.csv")["seconds"].sum()))
         compute += ctx.count(result.path, float(pd.read_csv(result.path / "oracle.csv")["seconds"].sum()))
     figure = f"{e.id}_faults.png"
