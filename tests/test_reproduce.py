@@ -52,8 +52,8 @@ def test_the_tiny_plan_makes_every_figure_and_the_report_table(only, env, tmp_pa
     header = [c.strip() for c in lines[start].split("|")[1:-1]]
     fixed = [c.strip() for c in re.split(r"(?<!\\)\|", next(x for x in lines[start:] if "digits, fixed" in x))[1:-1]]
     cell = dict(zip(header, fixed, strict=True))
-    assert re.match(r"-?\d\.\d\d \[", cell["leave-one-out r [95% CI]"])
-    assert re.match(r"-?\d\.\d\d; [+-]\d\.\d\d \[", cell["identity r; msif − identity [95% CI]"])
+    assert re.match(r"(-?\d\.\d\d|nan) \[.*\(k = 4\)", cell["leave-one-out r [95% CI]"])
+    assert re.match(r"(-?\d\.\d\d|nan); [+-]", cell["identity r; msif − identity [95% CI]"])
     assert re.match(r"-?\d\.\d\d \[.*\(6 subsets\)", cell["LDS [95% CI]"])
     assert re.match(r"\d+\.\d%; \d+\.\d%", cell["planted faults in the top 10%: by score magnitude; by pretrain loss"])
     assert float(cell["this run (s)"].replace(",", "")) > 0
