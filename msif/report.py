@@ -29,19 +29,19 @@ class Entry:
     runs: list[str]
     note: str = ""
     wall: float = 0.0  # seconds this invocation spent on it (small when the runs were reused)
-    validation: dict[str, dict[str, str]] | None = None  # row (data set, case) -> its cells of the validation table
+    validation: dict[str, dict[str, str]] | None = None  # row (data set, case) -> {VALIDATION_COLUMNS key: cell}
 
 
-# The validation table's columns, in order; each experiment kind fills its own (reproduce's handlers).
-VALIDATION_COLUMNS = (
-    "leave-one-out r [95% CI]",
-    "noise ceiling",
-    "stability r (top-100 overlap)",
-    "identity r; msif − identity [95% CI]",
-    "LDS [95% CI]",
-    "LDS identity; single-stage",
-    "planted faults in the top 10%: by score magnitude; by pretrain loss",
-)
+# The validation table's columns, in order: the key each experiment kind fills (reproduce's handlers) -> its header.
+VALIDATION_COLUMNS = {
+    "loo": "leave-one-out r [95% CI]",
+    "ceiling": "noise ceiling",
+    "stability": "stability r (top-100 overlap)",
+    "identity": "identity r; msif − identity [95% CI]",
+    "lds": "LDS [95% CI]",
+    "lds_baselines": "LDS identity; single-stage",
+    "faults": "planted faults in the top 10%: by score magnitude; by pretrain loss",
+}
 
 
 def _cell(text: str) -> str:
@@ -74,6 +74,8 @@ def validation_table(entries: list[Entry]) -> list[str]:
     spent: dict[str, float] = {}
     for e in entries:
         for row, cells in (e.validation or {}).items():
+            if unknown := set(cells) - set(VALIDATION_COLUMNS):
+                raise ValueError(f"{e.id}: validation cells {sorted(unknown)} are not columns of the table")
             rows.setdefault(row, {}).update(cells)
             spent[row] = spent.get(row, 0.0) + e.wall
     if not rows:
@@ -82,7 +84,7 @@ def validation_table(entries: list[Entry]) -> list[str]:
     lines = [
         "## Validation table",
         "",
-        "| data set, case | " + " | ".join(columns) + " | this run (s) |",
+        "| data set, case | " + " | ".join(VALIDATION_COLUMNS[c] for c in columns) + " | this run (s) |",
         "|---|" + "---|" * len(columns) + "---:|",
     ]
     for row, cells in rows.items():

@@ -67,9 +67,9 @@ def test_the_validation_table_merges_the_experiments_of_one_data_set_and_case():
 
     lines = validation_table(
         [
-            entry(4.0, {"MNIST, fixed": {"leave-one-out r [95% CI]": "0.97 [0.93, 0.99] (k = 20)"}}),
-            entry(0.5, {"MNIST, fixed": {"identity r; msif − identity [95% CI]": "0.86; +0.12 [+0.06, +0.24]"}}),
-            entry(20.0, {"CIFAR-10, fixed": {"LDS [95% CI]": "0.53 [0.23, 0.76] (20 subsets)"}}),
+            entry(4.0, {"MNIST, fixed": {"loo": "0.97 [0.93, 0.99] (k = 20)"}}),
+            entry(0.5, {"MNIST, fixed": {"identity": "0.86; +0.12 [+0.06, +0.24]"}}),
+            entry(20.0, {"CIFAR-10, fixed": {"lds": "0.53 [0.23, 0.76] (20 subsets)"}}),
             entry(99.0, None),  # a figure that is not part of the table
         ]
     )
@@ -79,6 +79,8 @@ def test_the_validation_table_merges_the_experiments_of_one_data_set_and_case():
     assert lines[4] == "| MNIST, fixed | 0.97 [0.93, 0.99] (k = 20) | 0.86; +0.12 [+0.06, +0.24] | – | 4.5 |"
     assert lines[5] == "| CIFAR-10, fixed | – | – | 0.53 [0.23, 0.76] (20 subsets) | 20 |"
     assert validation_table([entry(1.0, None)]) == []
+    with pytest.raises(ValueError, match="not columns"):
+        validation_table([entry(1.0, {"MNIST, fixed": {"leave-one-out r": "0.97"}})])
 
 
 def test_unknown_experiments_and_bad_plan_overrides_are_refused(env, tmp_path):

@@ -188,14 +188,14 @@ def _loo(ctx: Context, e: DictConfig) -> Entry:
     stable = s.get("stability") or {}
     cells = {}
     if which == "msif":
-        cells["leave-one-out r [95% CI]"] = f"{_interval(stats['pearson_r'], ci)} (k = {s['k']})"
+        cells["loo"] = f"{_interval(stats['pearson_r'], ci)} (k = {s['k']})"
         if ceiling:
-            cells["noise ceiling"] = f"{ceiling:.3f}"
+            cells["ceiling"] = f"{ceiling:.3f}"
         if "pearson_r" in stable:
-            cells["stability r (top-100 overlap)"] = f"{stable['pearson_r']:.3f} ({stable['top_overlap_abs']})"
+            cells["stability"] = f"{stable['pearson_r']:.3f} ({stable['top_overlap_abs']})"
     if "identity" in s["correlation"]:  # scored on the same retrains (loo.compare=identity)
         versus = (s.get("msif_minus") or {}).get("identity")
-        cells["identity r; msif − identity [95% CI]"] = f"{s['correlation']['identity']['pearson_r']:.2f}" + (
+        cells["identity"] = f"{s['correlation']['identity']['pearson_r']:.2f}" + (
             f"; {_interval(versus['difference'], versus['ci95'], signed=True)}" if versus else ""
         )
     return Entry(
@@ -334,7 +334,7 @@ def _lds(ctx: Context, e: DictConfig) -> Entry:
     measured = "LDS: " + ", ".join(one(n) for n in s["lds"])
     settings = _settings(cfg, "solver") + f"; {s['subsets']} subsets keeping {100 * s['alpha']:g}%"
     msif = s["lds"]["msif"]
-    cells = {"LDS [95% CI]": f"{_interval(msif['lds'], msif.get('lds_ci95'))} ({s['subsets']} subsets)"}
+    cells = {"lds": f"{_interval(msif['lds'], msif.get('lds_ci95'))} ({s['subsets']} subsets)"}
     versus = s.get("msif_minus") or {}
     baselines = [
         f"{s['lds'][b]['lds']:.2f}"
@@ -343,7 +343,7 @@ def _lds(ctx: Context, e: DictConfig) -> Entry:
         if b in s["lds"]
     ]
     if baselines:
-        cells["LDS identity; single-stage"] = "; ".join(baselines)
+        cells["lds_baselines"] = "; ".join(baselines)
     return Entry(
         e.id,
         e.title,
@@ -401,8 +401,8 @@ def _faults(ctx: Context, e: DictConfig) -> Entry:
     cells = {}
     if "0.1" in found["by_abs_score"]:
         loss = found.get("by_pretrain_loss", {}).get("0.1")
-        cells["planted faults in the top 10%: by score magnitude; by pretrain loss"] = (
-            f"{100 * found['by_abs_score']['0.1']:.1f}%" + (f"; {100 * loss:.1f}%" if loss is not None else "")
+        cells["faults"] = f"{100 * found['by_abs_score']['0.1']:.1f}%" + (
+            f"; {100 * loss:.1f}%" if loss is not None else ""
         )
     return Entry(
         e.id,
