@@ -368,8 +368,8 @@ def _faults(ctx: Context, e: DictConfig) -> Entry:
     result = planted_faults(cfg, ctx.run_context)
     s = result.summary
     compute = 0.0
-    influence_run = result.path.parent  # the faults folder lives in its influence run's folder (the summary's path
-    # is relative to where that run was made, which need not be here)
+    # the faults folder lives in its influence run's folder; the summary's path is relative to where it ran
+    influence_run = result.path.parent
     for folder in (influence_run.parent.parent, influence_run.parent):  # the damaged pretrain and finetune runs
         compute += ctx.count(folder, read_json(folder / "metrics.json").get("seconds"))
     compute += ctx.count(influence_run, read_json(influence_run / "summary.json")["seconds"]["total"])
